@@ -1,0 +1,1 @@
+"""cxr-ddpm export: ONNX export, TensorRT build and numerical verification."""

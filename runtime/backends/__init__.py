@@ -1,0 +1,1 @@
+"""Backends: small adapters that turn an artifact into a `denoise(x, t)` callable."""

@@ -1,0 +1,36 @@
+"""User-facing errors and the CLI wrapper that turns them into one clear line.
+
+Every module raises `CxrError` for a problem the user can fix (bad flag, bad
+file, bad config). The three CLIs run their commands through `cli_errors`, so
+such an error prints `error: <message>` on stderr and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+
+
+class CxrError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def cli_errors(fn: F) -> F:
+    """Decorator for click commands: CxrError -> one line on stderr + exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CxrError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

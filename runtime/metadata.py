@@ -1,0 +1,106 @@
+"""The artifact metadata format: one JSON document that every artifact carries.
+
+Checkpoints (.safetensors metadata), ONNX models (`metadata_props`) and TensorRT
+engines (file header) all store a document under the key `cxr_ddpm` with at least:
+
+    format_version  int, this module's FORMAT_VERSION when written
+    kind            "checkpoint" | "onnx" | "tensorrt"
+    config          the full Config.to_dict() (model, diffusion, data, train)
+    schedule        {timesteps, beta_schedule, objective, ..., alphas_cumprod_sha256}
+    image_size, channels, objective
+    class_names     list of str (folder names), [] when unknown
+    provenance      {package_version, git_commit, created, ...}
+
+Readers refuse a document with a newer format_version than they know, so an old
+runtime never silently misreads a new artifact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config
+from .errors import CxrError
+from .schedule import Schedule
+
+METADATA_KEY = "cxr_ddpm"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "kind", "config", "schedule", "image_size", "channels",
+                 "objective", "class_names", "provenance")
+
+
+def schedule_metadata(cfg: Config) -> dict[str, Any]:
+    sched = Schedule.from_config(cfg.diffusion)
+    out = dataclasses.asdict(cfg.diffusion)
+    out["alphas_cumprod_sha256"] = sched.digest()
+    return out
+
+
+def git_commit() -> str | None:
+    """Commit of the source tree this package runs from, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    return {"package_version": __version__, "git_commit": git_commit(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
+
+
+def build_metadata(cfg: Config, *, kind: str, class_names: list[str],
+                   provenance_extra: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """The common document; callers add kind-specific fields (step, io, exporter, ...)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": cfg.to_dict(),
+        "schedule": schedule_metadata(cfg),
+        "image_size": cfg.model.image_size,
+        "channels": cfg.model.channels,
+        "objective": cfg.diffusion.objective,
+        "class_names": list(class_names),
+        "provenance": provenance(**(provenance_extra or {})),
+        **fields,
+    }
+
+
+def parse_metadata(text: str | bytes | None, source: str) -> dict[str, Any]:
+    """Parse and check a metadata document; CxrError naming `source` when it is unusable."""
+    if text is None:
+        raise CxrError(f"{source}: no '{METADATA_KEY}' metadata (not a cxr-ddpm artifact?)")
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CxrError(f"{source}: metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CxrError(f"{source}: metadata must be a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CxrError(f"{source}: metadata lacks {', '.join(missing)}")
+    version = meta["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CxrError(f"{source}: metadata format_version {version} is newer than this "
+                       f"cxr-ddpm understands ({FORMAT_VERSION}); upgrade cxr-ddpm")
+    cfg = config_from_metadata(meta, source)
+    digest = Schedule.from_config(cfg.diffusion).digest()
+    if meta["schedule"].get("alphas_cumprod_sha256") not in (None, digest):
+        raise CxrError(f"{source}: schedule hash in metadata does not match its diffusion config")
+    return meta
+
+
+def config_from_metadata(meta: dict[str, Any], source: str) -> Config:
+    return Config.from_dict(meta["config"], f"{source} (embedded config)")
+
+
+def dumps(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"))

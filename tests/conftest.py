@@ -1,0 +1,56 @@
+"""Shared fixtures: real radiographs, the tiny config, a freshly initialised tiny checkpoint."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MINI = ROOT.parent / "shared" / "data" / "cxr-mini"   # 44 real radiographs (read-only)
+BUNDLED = ROOT / "data" / "cxr-sample"                       # the same images, shipped with the repo
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found)")
+    no_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'cxr-ddpm[gpu]' on a GPU machine)")
+    gpu, trt = _has_gpu(), importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(no_gpu)
+        if "tensorrt" in item.keywords and not trt:
+            item.add_marker(no_trt)
+
+
+@pytest.fixture(scope="session")
+def cxr_mini() -> Path:
+    """Real chest radiographs in class folders (COVID-19/, Normal/)."""
+    return SHARED_MINI if SHARED_MINI.is_dir() else BUNDLED
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from cxr_ddpm.runtime.config import load_config
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_cfg) -> Path:
+    """A consolidated checkpoint of a freshly initialised tiny model (seeded, EMA = online)."""
+    import torch
+
+    from cxr_ddpm.train.checkpoint import save_checkpoint
+    from cxr_ddpm.train.model import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(tiny_cfg.model)
+    sd = unet.state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(path, cfg=tiny_cfg, step=0, class_names=["COVID-19", "Normal"],
+                           ema=sd, online=sd, data_fingerprint="test")

@@ -1,0 +1,1 @@
+"""cxr-ddpm training: data, model construction, DeepSpeed training, checkpoints."""

@@ -1,0 +1,186 @@
+"""The consolidated checkpoint: one .safetensors file that rebuilds the model alone.
+
+Tensors: `ema.<unet key>` and `online.<unet key>` (U-Net weights only, fp32).
+Metadata: {"cxr_ddpm": <runtime.metadata document, kind="checkpoint">} with the
+full config, schedule, class names, step and provenance (package version, git
+commit, data fingerprint). Readers prefer the EMA weights.
+
+`load_checkpoint` is the one loader everything calls. It also reads lucidrains
+Trainer checkpoints (`model-N.pt` with keys model/ema/step; their Unet args come
+from a config the user supplies) and refuses anything else with one clear line.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import atomic_path
+from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, config_from_metadata, dumps, parse_metadata
+
+from .model import build_unet
+
+CKPT_DIR = "checkpoints"                     # inside a run folder
+CKPT_NAME = "step_{step:08d}.safetensors"
+_CKPT_RE = re.compile(r"step_(\d+)\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    cfg: Config
+    ema: dict[str, torch.Tensor] | None      # U-Net state dicts
+    online: dict[str, torch.Tensor] | None
+    step: int
+    class_names: list[str]
+    meta: dict[str, Any]
+    path: Path
+    sha256: str | None = None
+
+    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
+        """EMA weights by default (what samples come from); online when asked or when no EMA."""
+        chosen = self.ema if (ema and self.ema is not None) else self.online
+        if chosen is None:
+            raise CxrError(f"{self.path}: checkpoint holds no {'EMA' if ema else 'online'} weights")
+        return chosen
+
+    def build_unet(self, ema: bool = True) -> torch.nn.Module:
+        unet = build_unet(self.cfg.model)
+        try:
+            unet.load_state_dict(self.weights(ema), strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise CxrError(f"{self.path}: weights do not fit the model its config describes ({first})") from None
+        return unet.eval()
+
+
+def save_checkpoint(path: str | Path, *, cfg: Config, step: int, class_names: list[str],
+                    ema: dict[str, torch.Tensor] | None, online: dict[str, torch.Tensor] | None,
+                    data_fingerprint: str | None = None, **provenance_extra: Any) -> Path:
+    """Write atomically (temp + rename): a crash mid-write never leaves a readable half file."""
+    from safetensors.torch import save_file
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, sd in (("ema", ema), ("online", online)):
+        for k, v in (sd or {}).items():
+            tensors[f"{prefix}.{k}"] = v.detach().to("cpu", torch.float32).contiguous().clone()
+    if not tensors:
+        raise ValueError("save_checkpoint needs ema or online weights")
+    meta = build_metadata(cfg, kind="checkpoint", class_names=class_names, step=int(step),
+                          weights=[p for p, sd in (("ema", ema), ("online", online)) if sd],
+                          provenance_extra={"data_fingerprint": data_fingerprint, **provenance_extra})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: dumps(meta)})
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest consolidated checkpoint of a run folder (every one on disk is complete: atomic writes)."""
+    found = []
+    for p in (run_dir / CKPT_DIR).glob("step_*.safetensors"):
+        m = _CKPT_RE.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A file, or a run folder (-> its newest consolidated checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CxrError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CxrError(f"{path}: run folder holds no consolidated checkpoint in {CKPT_DIR}/")
+        return found
+    return path
+
+
+def load_checkpoint(path: str | Path, config: Config | None = None) -> Checkpoint:
+    """Read a cxr-ddpm .safetensors checkpoint (or run folder), or a lucidrains model-N.pt.
+
+    `config` is required for lucidrains files (they carry none). For our own files
+    it is optional and, when given, must describe the same model and schedule.
+    """
+    path = resolve_checkpoint(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors":
+        ckpt = _load_safetensors(path)
+    elif head.startswith(b"PK") or path.suffix in (".pt", ".pth", ".ckpt"):
+        ckpt = _load_lucidrains(path, config)
+    else:
+        raise CxrError(f"{path}: unknown checkpoint format (expected a cxr-ddpm .safetensors "
+                       f"or a lucidrains Trainer model-N.pt)")
+    if config is not None:
+        _check_same_model(ckpt.cfg, config, path)
+    return ckpt
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise CxrError(f"{path}: not a safetensors file (corrupt header)")
+            header = json.loads(f.read(n))
+        tensors = load_file(str(path))
+    except CxrError:
+        raise
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
+    meta = parse_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path))
+    cfg = config_from_metadata(meta, str(path))
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    online = {k[7:]: v for k, v in tensors.items() if k.startswith("online.")}
+    return Checkpoint(cfg, ema or None, online or None, int(meta.get("step", 0)),
+                      list(meta["class_names"]), meta, path, _sha256(path))
+
+
+def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CxrError(f"{path}: cannot read as a torch checkpoint ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(data, dict) or "model" not in data or not isinstance(data["model"], dict):
+        keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise CxrError(f"{path}: unknown checkpoint format (not a lucidrains Trainer checkpoint: "
+                       f"expected keys model, ema, step; found {keys})")
+    if config is None:
+        raise CxrError(f"{path}: lucidrains checkpoints carry no model config; pass --config FILE")
+    # GaussianDiffusion state: U-Net under "model."; EMA wraps it again under "ema_model.model."
+    online = {k[6:]: v for k, v in data["model"].items() if k.startswith("model.")}
+    ema_sd = data.get("ema") or {}
+    ema = {k[16:]: v for k, v in ema_sd.items() if k.startswith("ema_model.model.")}
+    if not online:
+        raise CxrError(f"{path}: 'model' holds no U-Net weights (no 'model.' keys)")
+    meta = build_metadata(config, kind="checkpoint", class_names=[], step=int(data.get("step", 0)),
+                          provenance_extra={"imported_from": "lucidrains",
+                                            "lucidrains_version": data.get("version")})
+    return Checkpoint(config, ema or None, online, int(data.get("step", 0)), [], meta, path, _sha256(path))
+
+
+def _check_same_model(have: Config, want: Config, path: Path) -> None:
+    a, b = have.to_dict(), want.to_dict()
+    for section in ("model", "diffusion"):
+        for key, value in b[section].items():
+            if a[section].get(key) != value:
+                raise CxrError(f"{path}: checkpoint's {section}.{key}={a[section].get(key)!r} does not "
+                               f"match the requested {section}.{key}={value!r}")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

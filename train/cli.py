@@ -1,0 +1,53 @@
+"""`cxr-train`: thin click commands over train/ library functions."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cxr_ddpm.runtime.errors import CxrError, cli_errors
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train a DDPM on chest radiographs (DeepSpeed; see slurm/train.sh for clusters)."""
+
+
+@main.command("check-data")
+@click.argument("data_dir", type=click.Path(path_type=str))
+@click.option("--workers", type=int, default=None, help="Decode threads (default: the job's CPU allowance).")
+@click.option("--max-list", type=int, default=20, show_default=True, help="Unreadable files to list.")
+@cli_errors
+def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
+    """Scan DATA_DIR (class folders of JPEG/PNG/DICOM) and report whether it is usable."""
+    from .data import scan_dataset
+
+    report = scan_dataset(data_dir, workers=workers, progress=sys.stderr.isatty())
+    images = report.images
+    total = sum(report.counts)
+    click.echo(f"{data_dir}: {total} images in {len(images.class_names)} classes "
+               f"(fingerprint {images.fingerprint()})")
+    width = max(len(n) for n in images.class_names)
+    for name, count in zip(images.class_names, report.counts):
+        click.echo(f"  {name:<{width}}  {count:6d}  ({100.0 * count / total:5.1f}%)")
+    click.echo("sizes (rounded to 64 px):")
+    for size, n in report.sizes.most_common(8):
+        click.echo(f"  {size:>11}  {n:6d}")
+    if len(report.sizes) > 8:
+        click.echo(f"  ... and {len(report.sizes) - 8} more size buckets")
+    click.echo("formats:")
+    for fmt, n in report.formats.most_common():
+        click.echo(f"  {fmt:<24}  {n:6d}")
+    if report.unreadable:
+        click.echo(f"unreadable: {len(report.unreadable)}")
+        for path, reason in report.unreadable[:max_list]:
+            click.echo(f"  {path}: {reason}")
+        if len(report.unreadable) > max_list:
+            click.echo(f"  ... and {len(report.unreadable) - max_list} more")
+    if report.usable == 0:
+        raise CxrError(f"{data_dir}: all {total} images are unreadable")
+    click.echo(f"usable: {report.usable} of {total} images")
+
+
+if __name__ == "__main__":
+    main()

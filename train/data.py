@@ -1,0 +1,170 @@
+"""The chest X-ray dataset: class folders under one root, as in the Curated COVID-19 CXR set.
+
+    root/COVID-19/*.jpg, root/Normal/*.png, root/Pneumonia-Viral/*.dcm, ...
+
+Class names are the folder names (sorted), labels their index. Images are
+decoded by `imageio` to 1 x size x size float32 in [0, 1]; GaussianDiffusion
+maps that to [-1, 1] itself. A file that fails to decode during training is
+skipped with one warning and replaced by the next readable one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cxr_ddpm.runtime.errors import CxrError
+
+from .imageio import IMAGE_EXTS, UnreadableImage, load_resized, probe
+
+
+@dataclass(frozen=True)
+class ImageList:
+    root: Path
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+
+    def fingerprint(self) -> str:
+        """Hash of relative paths and sizes: identifies the data a checkpoint was trained on."""
+        h = hashlib.sha256()
+        for f, y in zip(self.files, self.labels):
+            h.update(f"{f.relative_to(self.root)}\0{f.stat().st_size}\0{y}\n".encode())
+        return h.hexdigest()[:16]
+
+    def class_counts(self) -> list[int]:
+        counts = Counter(self.labels)
+        return [counts.get(i, 0) for i in range(len(self.class_names))]
+
+
+def list_images(root: str | Path) -> ImageList:
+    """Find images under class folders; images directly in root form one class named after it."""
+    root = Path(root)
+    if not root.exists():
+        raise CxrError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise CxrError(f"{root}: not a folder (expected one folder per class)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(d.name, _images_under(d)) for d in class_dirs]
+    groups = [(name, files) for name, files in groups if files]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if loose and not groups:
+        groups = [(root.resolve().name, loose)]
+    if not groups:
+        exts = ", ".join(sorted(IMAGE_EXTS))
+        raise CxrError(f"{root}: no images found (expected class folders holding {exts})")
+    files, labels = [], []
+    for label, (_, paths) in enumerate(groups):
+        files += paths
+        labels += [label] * len(paths)
+    return ImageList(root, tuple(files), tuple(labels), tuple(name for name, _ in groups))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+# -----------------------------------------------------------------------------
+# CPU allowance: a Slurm job owns some CPUs of a node, not all of them
+
+def cpu_allowance() -> int:
+    """CPUs this process may use: its affinity mask, capped by SLURM_CPUS_PER_TASK."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit():
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
+def default_num_workers(requested: int = -1) -> int:
+    """DataLoader workers: keep one CPU for the training process itself."""
+    if requested >= 0:
+        return requested
+    return min(8, cpu_allowance() - 1)
+
+
+# -----------------------------------------------------------------------------
+
+class CxrDataset(torch.utils.data.Dataset):
+    """(image (1, size, size) float32 in [0, 1], class index) pairs."""
+
+    def __init__(self, images: ImageList, image_size: int, hflip: bool = False):
+        self.images = images
+        self.image_size = image_size
+        self.hflip = hflip
+        self._bad: set[int] = set()  # per worker process; each bad file warns once per worker
+
+    def __len__(self) -> int:
+        return len(self.images.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        for offset in range(n):
+            i = (index + offset) % n
+            if i in self._bad:
+                continue
+            try:
+                arr = load_resized(self.images.files[i], self.image_size)
+            except (UnreadableImage, OSError) as e:
+                self._bad.add(i)
+                warnings.warn(f"skipping unreadable image {self.images.files[i]}: {e}", stacklevel=2)
+                continue
+            if self.hflip and torch.rand(()) < 0.5:
+                arr = arr[:, ::-1]
+            return torch.from_numpy(np.ascontiguousarray(arr))[None], self.images.labels[i]
+        raise CxrError(f"{self.images.root}: no readable images left")
+
+
+# -----------------------------------------------------------------------------
+# check-data: scan everything before anyone burns GPU hours
+
+@dataclass
+class ScanReport:
+    images: ImageList
+    counts: list[int]
+    sizes: Counter = field(default_factory=Counter)      # "WxH" bucketed to 64 px
+    formats: Counter = field(default_factory=Counter)    # "<ext> <mode> <bits>-bit"
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return sum(self.counts) - len(self.unreadable)
+
+
+def scan_dataset(root: str | Path, workers: int | None = None, progress: bool = True) -> ScanReport:
+    images = list_images(root)
+    report = ScanReport(images, images.class_counts())
+
+    def check(path: Path) -> tuple[Path, str | None, str | None, str | None]:
+        try:
+            info = probe(path)
+            load_resized(path, 32)  # full decode: catches truncated and corrupt files
+        except (UnreadableImage, OSError) as e:
+            return path, None, None, str(e)
+        bucket = f"{_bucket(info.width)}x{_bucket(info.height)}"
+        return path, bucket, f"{path.suffix.lower()} {info.mode} {info.bits}-bit", None
+
+    workers = workers or cpu_allowance()
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and pydicom release the GIL
+        results = pool.map(check, images.files)
+        for path, size, fmt, err in tqdm(results, total=len(images.files), desc="scanning",
+                                         unit="img", disable=not progress):
+            if err is not None:
+                report.unreadable.append((path, err))
+            else:
+                report.sizes[size] += 1
+                report.formats[fmt] += 1
+    return report
+
+
+def _bucket(px: int) -> int:
+    return max(64, int(round(px / 64.0)) * 64)
