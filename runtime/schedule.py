@@ -45,7 +45,8 @@ def cosine_betas(timesteps: int, s: float = 0.008) -> np.ndarray:
 def sigmoid_betas(timesteps: int, start: float = -3, end: float = 3, tau: float = 1) -> np.ndarray:
     """Jabri et al. 2022, https://arxiv.org/abs/2212.11972 (Figure 8)."""
     t = np.linspace(0, timesteps, timesteps + 1, dtype=np.float64) / timesteps
-    v_start, v_end = _sigmoid(start / tau), _sigmoid(end / tau)
+    # lucidrains evaluates these two in float32 (torch.tensor(float) defaults to it): so do we
+    v_start, v_end = (float(1 / (1 + np.exp(-np.float32(v)))) for v in (start / tau, end / tau))
     ac = (-_sigmoid((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
     ac = ac / ac[0]
     return np.clip(1 - ac[1:] / ac[:-1], 0, 0.999)
@@ -106,8 +107,10 @@ class Schedule:
 
 
 # -----------------------------------------------------------------------------
-# objective conversions, elementwise over arrays; `a` is alpha_bar_t broadcast to x_t's shape.
-# They only use + - * / and sqrt on the operands' own array type, so CuPy arrays work too.
+# objective conversions, elementwise over arrays. `a` is alpha_bar_t as a Python float: the
+# coefficients are then computed in float64 and applied without changing the arrays' dtype
+# (NumPy 2 keeps float32 * float as float32), exactly like lucidrains' float64->float32 buffers.
+# Only + - * / on the operands' own array type: CuPy arrays work too.
 
 def x0_from_eps(x_t: Any, eps: Any, a: Any) -> Any:
     return (1.0 / a) ** 0.5 * x_t - (1.0 / a - 1.0) ** 0.5 * eps

@@ -1,0 +1,159 @@
+"""Config schema (typed, unknown keys refused) and schedule parity with lucidrains."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_ddpm.runtime import schedule as S
+from cxr_ddpm.runtime.config import Config, load_config
+from cxr_ddpm.runtime.errors import CxrError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- config
+
+@pytest.mark.parametrize("name", ["tiny", "cxr128", "cxr256"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.model.channels == 1
+    assert cfg.model.image_size % 2 ** (len(cfg.model.dim_mults) - 1) == 0
+
+
+def test_seed_setup_is_cxr128() -> None:
+    cfg = load_config(ROOT / "configs" / "cxr128.yaml")
+    assert (cfg.model.image_size, cfg.model.dim, cfg.diffusion.timesteps) == (128, 64, 1000)
+    assert (cfg.diffusion.objective, cfg.diffusion.beta_schedule) == ("pred_v", "sigmoid")
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["train.steps=7", "model.dim_mults=1,2,2", "train.lr=3e-4",
+                       "data.hflip=true", "diffusion.objective=pred_noise"])
+    assert cfg.train.steps == 7 and cfg.model.dim_mults == (1, 2, 2)
+    assert cfg.train.lr == 3e-4 and cfg.data.hflip is True
+    assert cfg.diffusion.objective == "pred_noise"
+
+
+def test_toml_and_yaml_agree(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text("[model]\ndim = 24\ndim_mults = [1, 2]\nimage_size = 32\n")
+    (tmp_path / "a.yaml").write_text("model:\n  dim: 24\n  dim_mults: [1, 2]\n  image_size: 32\n")
+    assert load_config(tmp_path / "a.toml") == load_config(tmp_path / "a.yaml")
+
+
+def test_dict_round_trip() -> None:
+    cfg = load_config(ROOT / "configs" / "cxr128.yaml")
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.digest() == Config.from_dict(cfg.to_dict()).digest()
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  dimm: 3\n", "unknown key 'model.dimm'"),
+    ("modle:\n  dim: 3\n", "unknown section 'modle'"),
+    ("model:\n  dim: abc\n", "model.dim must be an int"),
+    ("model:\n  dim: 1.5\n", "model.dim must be an int"),
+    ("diffusion:\n  objective: eps\n", "diffusion.objective must be one of pred_noise, pred_x0, pred_v"),
+    ("train:\n  zero_stage: 4\n", "train.zero_stage=4 is not a ZeRO stage"),
+    ("model:\n  image_size: 100\n", "must be divisible by 8"),
+    ("data:\n  hflip: maybe\n", "data.hflip must be true or false"),
+    ("model: [1, 2\n", "cannot parse"),
+])
+def test_bad_config_files_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(CxrError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.nope=1", "unknown key 'nope' in section 'train'"),
+    ("nope.steps=1", "section one of model, diffusion, data, train"),
+    ("train.steps", "expected section.key=value"),
+    ("train.steps=ten", "--set train.steps must be an int"),
+    ("train.steps=0", "train.steps must be > 0"),
+])
+def test_bad_overrides(override: str, needle: str) -> None:
+    with pytest.raises(CxrError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(CxrError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+# ---------------------------------------------------------------- schedule parity
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("T", [100, 1000])
+def test_alphas_cumprod_match_lucidrains(name: str, T: int) -> None:
+    import torch
+    from denoising_diffusion_pytorch import denoising_diffusion_pytorch as ddp
+
+    ours = S.Schedule.from_params(timesteps=T, beta_schedule=name, objective="pred_v")
+    theirs = getattr(ddp, f"{name}_beta_schedule")(T)
+    np.testing.assert_allclose(ours.betas, theirs.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ours.alphas_cumprod, torch.cumprod(1 - theirs, 0).numpy(), rtol=0, atol=1e-12)
+
+
+def test_custom_sigmoid_params_match_lucidrains() -> None:
+    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import sigmoid_beta_schedule
+    ours = S.sigmoid_betas(500, start=-2, end=4, tau=0.7)
+    np.testing.assert_allclose(ours, sigmoid_beta_schedule(500, start=-2, end=4, tau=0.7).numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
+def test_objective_conversions_match_lucidrains(objective: str, tiny_cfg) -> None:
+    """Our conversions on float32 arrays == GaussianDiffusion's buffers-based ones, to 1e-6."""
+    import torch
+
+    from cxr_ddpm.train.model import build_diffusion
+
+    cfg = tiny_cfg.replace(diffusion=tiny_cfg.diffusion.__class__(
+        **{**tiny_cfg.to_dict()["diffusion"], "objective": objective}))
+    gd = build_diffusion(cfg)
+    sched = S.Schedule.from_config(cfg.diffusion)
+    rng = np.random.default_rng(0)
+    for t in (0, 10, 50, 99):
+        x0 = rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+        eps = rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+        a = float(sched.alphas_cumprod[t])
+        tt = torch.full((2,), t)
+        ref = lambda fn, *arrays: fn(*map(torch.from_numpy, arrays[:1]), tt, *map(torch.from_numpy, arrays[1:])).numpy()
+        x_t = S.q_sample(x0, eps, a)
+        v = S.v_from_x0_eps(x0, eps, a)
+        np.testing.assert_allclose(x_t, ref(gd.q_sample, x0, eps), atol=1e-6)
+        np.testing.assert_allclose(v, ref(gd.predict_v, x0, eps), atol=1e-6)
+        np.testing.assert_allclose(S.x0_from_v(x_t, v, a), ref(gd.predict_start_from_v, x_t, v), atol=1e-6)
+        np.testing.assert_allclose(S.x0_from_eps(x_t, eps, a), ref(gd.predict_start_from_noise, x_t, eps), atol=1e-6)
+        np.testing.assert_allclose(S.eps_from_x0(x_t, x0, a), ref(gd.predict_noise_from_start, x_t, x0), atol=1e-6)
+        assert S.x0_from_v(x_t, v, a).dtype == np.float32 == S.eps_from_x0(x_t, x0, a).dtype
+
+
+def test_posterior_matches_lucidrains(tiny_cfg) -> None:
+    from cxr_ddpm.train.model import build_diffusion
+    gd = build_diffusion(tiny_cfg)
+    c1, c2, var = S.Schedule.from_config(tiny_cfg.diffusion).posterior()
+    np.testing.assert_allclose(c1, gd.posterior_mean_coef1.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(c2, gd.posterior_mean_coef2.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(var, gd.posterior_variance.numpy(), rtol=1e-5, atol=1e-12)
+
+
+def test_schedule_digest_pins_parameters() -> None:
+    a = S.Schedule.from_params(timesteps=100, beta_schedule="sigmoid", objective="pred_v")
+    b = S.Schedule.from_params(timesteps=100, beta_schedule="sigmoid", objective="pred_v", sigmoid_tau=0.9)
+    assert a.digest() != b.digest() and len(a.digest()) == 64
+
+
+def test_runtime_import_does_not_import_torch() -> None:
+    code = ("import sys, cxr_ddpm.runtime, cxr_ddpm.runtime.config, cxr_ddpm.runtime.schedule, "
+            "cxr_ddpm.runtime.metadata, cxr_ddpm.runtime.fsutil, cxr_ddpm.runtime.errors; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,198 @@
+"""Data pipeline on real radiographs and on generated odd files (16-bit, RGBA, truncated, DICOM)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.train.cli import main as train_cli
+from cxr_ddpm.train.data import CxrDataset, cpu_allowance, default_num_workers, list_images, scan_dataset
+from cxr_ddpm.train.imageio import UnreadableImage, load_gray, load_resized
+
+
+def _ramp(h: int = 60, w: int = 80) -> np.ndarray:
+    return np.tile(np.linspace(0.0, 1.0, w), (h, 1))
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                 window: tuple[float, float] | None = None) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture()
+def odd_dataset(tmp_path: Path, cxr_mini: Path) -> Path:
+    """Class folders with one real JPEG each plus every odd format we promise to read."""
+    root = tmp_path / "odd"
+    (root / "A").mkdir(parents=True)
+    (root / "B").mkdir()
+    real = sorted((cxr_mini / "COVID-19").glob("*.jpg"))[0]
+    shutil.copy(real, root / "A" / "real.jpg")
+    ramp = _ramp()
+    Image.fromarray((ramp * 4095).astype(np.uint16)).save(root / "A" / "deep16.png")  # 12 bits used
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[..., :3] = (ramp * 255).astype(np.uint8)[..., None]
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(root / "B" / "rgba.png")
+    Image.fromarray((ramp * 255).astype(np.uint8)).convert("RGB").save(root / "B" / "rgb.jpg")
+    _write_dicom(root / "B" / "mono2.dcm", ramp * 4095)
+    _write_dicom(root / "B" / "mono1.dcm", ramp * 4095, photometric="MONOCHROME1")
+    data = (root / "A" / "real.jpg").read_bytes()
+    (root / "A" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "B" / "notanimage.png").write_bytes(b"hello, I am text")
+    return root
+
+
+def test_real_radiographs_load(cxr_mini: Path) -> None:
+    images = list_images(cxr_mini)
+    assert images.class_names == ("COVID-19", "Normal")
+    assert images.class_counts() == [26, 18]
+    ds = CxrDataset(images, image_size=64)
+    x, y = ds[0]
+    assert x.shape == (1, 64, 64) and x.dtype.__str__() == "torch.float32"
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05
+    assert y == 0 and ds[len(ds) - 1][1] == 1
+
+
+def test_odd_formats_decode_consistently(odd_dataset: Path) -> None:
+    ramp = _ramp()
+    for name in ("A/deep16.png", "B/rgba.png", "B/rgb.jpg", "B/mono2.dcm"):
+        gray = load_gray(odd_dataset / name)
+        assert gray.shape == ramp.shape and gray.dtype == np.float32
+        np.testing.assert_allclose(gray, ramp, atol=0.02, err_msg=name)
+    # MONOCHROME1 stores white as low values: the decoder must invert it
+    np.testing.assert_allclose(load_gray(odd_dataset / "B" / "mono1.dcm"), 1.0 - ramp, atol=0.02)
+
+
+def test_rgba_transparency_is_black(tmp_path: Path) -> None:
+    rgba = np.full((10, 10, 4), 255, np.uint8)
+    rgba[:, :5, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    gray = load_gray(tmp_path / "a.png")
+    assert gray[:, :5].max() == 0.0 and gray[:, 5:].min() == 1.0
+
+
+def test_dicom_window_is_applied(tmp_path: Path) -> None:
+    _write_dicom(tmp_path / "w.dcm", _ramp() * 4095, window=(1024, 512))
+    gray = load_gray(tmp_path / "w.dcm")
+    # values below 768 clip to black, above 1280 to white: most of the ramp saturates
+    assert (gray == 1.0).mean() > 0.6 and (gray == 0.0).mean() > 0.1
+
+
+def test_resize_center_crop_keeps_middle(tmp_path: Path) -> None:
+    img = np.zeros((100, 300), np.uint8)
+    img[:, 100:200] = 255  # a bright central band, a third of the width
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    out = load_resized(tmp_path / "wide.png", 32)
+    assert out.shape == (32, 32)
+    assert out[:, 8:24].mean() > 0.9  # the crop keeps the centre band
+
+
+def test_truncated_and_garbage_are_unreadable(odd_dataset: Path) -> None:
+    with pytest.raises(UnreadableImage, match="truncated"):
+        load_gray(odd_dataset / "A" / "truncated.jpg")
+    with pytest.raises(UnreadableImage):
+        load_gray(odd_dataset / "B" / "notanimage.png")
+
+
+def test_dataset_skips_bad_files_with_one_warning(odd_dataset: Path) -> None:
+    ds = CxrDataset(list_images(odd_dataset), image_size=32)
+    bad = [i for i, f in enumerate(ds.images.files) if f.name == "truncated.jpg"][0]
+    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
+        x, _ = ds[bad]
+    assert x.shape == (1, 32, 32)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # second time: no new warning for the same file
+        ds[bad]
+
+
+def test_scan_reports_counts_formats_and_unreadable(odd_dataset: Path) -> None:
+    report = scan_dataset(odd_dataset, progress=False)
+    assert report.images.class_names == ("A", "B") and report.counts == [3, 5]
+    assert {p.name for p, _ in report.unreadable} == {"truncated.jpg", "notanimage.png"}
+    assert report.usable == 6
+    fmts = " ".join(report.formats)
+    assert "16-bit" in fmts and "RGBA" in fmts and "DICOM/MONOCHROME1" in fmts
+
+
+def test_check_data_cli_good(cxr_mini: Path) -> None:
+    res = CliRunner().invoke(train_cli, ["check-data", str(cxr_mini)])
+    assert res.exit_code == 0, res.output
+    assert "COVID-19" in res.output and "26" in res.output and "usable: 44 of 44" in res.output
+
+
+def test_check_data_cli_lists_unreadable(odd_dataset: Path) -> None:
+    res = CliRunner().invoke(train_cli, ["check-data", str(odd_dataset)])
+    assert res.exit_code == 0 and "unreadable: 2" in res.output and "truncated.jpg" in res.output
+
+
+@pytest.mark.parametrize("setup, needle", [
+    ("missing", "data folder not found"),
+    ("empty", "no images found"),
+    ("allbad", "all 2 images are unreadable"),
+    ("file", "not a folder"),
+])
+def test_check_data_cli_refuses(tmp_path: Path, setup: str, needle: str) -> None:
+    root = tmp_path / "d"
+    if setup == "empty":
+        (root / "Normal").mkdir(parents=True)
+    elif setup == "allbad":
+        (root / "Normal").mkdir(parents=True)
+        (root / "Normal" / "a.jpg").write_bytes(b"\xff\xd8\xff garbage")
+        (root / "Normal" / "b.png").write_bytes(b"")
+    elif setup == "file":
+        root.write_text("x")
+    res = CliRunner().invoke(train_cli, ["check-data", str(root)])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.output
+
+
+def test_loose_images_form_one_class(tmp_path: Path, cxr_mini: Path) -> None:
+    for f in sorted((cxr_mini / "Normal").glob("*.jpg"))[:2]:
+        shutil.copy(f, tmp_path / f.name)
+    images = list_images(tmp_path)
+    assert images.class_names == (tmp_path.name,) and len(images.files) == 2
+
+
+def test_workers_respect_slurm_allowance(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpu_allowance() == 1 and default_num_workers() == 0
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    import os
+    assert cpu_allowance() == len(os.sched_getaffinity(0))
+    assert default_num_workers(3) == 3
+
+
+def test_fingerprint_tracks_content(tmp_path: Path, cxr_mini: Path) -> None:
+    shutil.copytree(cxr_mini, tmp_path / "d")
+    before = list_images(tmp_path / "d").fingerprint()
+    assert before == list_images(tmp_path / "d").fingerprint()
+    next((tmp_path / "d" / "Normal").glob("*.jpg")).unlink()
+    assert list_images(tmp_path / "d").fingerprint() != before
+
+
+def test_missing_root_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(CxrError, match="data folder not found"):
+        list_images(tmp_path / "nope")
