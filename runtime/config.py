@@ -162,9 +162,18 @@ class Config:
         try:
             for section in (cfg.model, cfg.diffusion, cfg.data, cfg.train):
                 section.validate()
+            cfg._validate_across_sections()
         except CxrError as e:
             raise CxrError(f"{source}: {e}") from None
         return cfg
+
+
+    def _validate_across_sections(self) -> None:
+        m, d = self.model, self.diffusion
+        if m.num_classes and (d.beta_schedule == "sigmoid" or d.cosine_s != 0.008):
+            # lucidrains' classifier-free-guidance GaussianDiffusion only builds these two
+            raise CxrError("model.num_classes > 0 needs diffusion.beta_schedule linear or cosine "
+                           "(with the default cosine_s): add --set diffusion.beta_schedule=cosine")
 
 
 _SECTIONS: dict[str, type] = {"model": ModelConfig, "diffusion": DiffusionConfig,

@@ -49,5 +49,35 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     click.echo(f"usable: {report.usable} of {total} images")
 
 
+@main.command("fit")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
+              help="Run config (YAML/TOML), e.g. configs/tiny.yaml.")
+@click.option("--data", "data_dir", default=None, help="Class-folder dataset (default: data.root of the config).")
+@click.option("--out", "out_dir", default=None, help="Run folder (default: runs/<config name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Config override, repeatable: --set train.steps=100.")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="'auto': newest complete checkpoint of the run folder (fresh start if none); "
+                   "or a checkpoint dir / run folder.")
+@cli_errors
+def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
+            overrides: tuple[str, ...], resume: str | None) -> None:
+    """Train with DeepSpeed (torchrun, deepspeed, srun or plain; see train/loop.py).
+
+    Exits 75 after saving when stopped by SIGUSR1/SIGTERM, so a job script can requeue.
+    """
+    from pathlib import Path
+
+    from cxr_ddpm.runtime.config import load_config
+
+    from .loop import fit
+    from .resume import EXIT_REQUEUE
+
+    cfg = load_config(config_path, overrides)
+    result = fit(cfg, data_dir=data_dir, out_dir=out_dir, resume=resume, run_name=Path(config_path).stem)
+    if result.preempted:
+        sys.exit(EXIT_REQUEUE)
+
+
 if __name__ == "__main__":
     main()

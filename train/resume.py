@@ -1,0 +1,162 @@
+"""Exact-resume checkpoints on disk, and the preemption signal.
+
+Layout of a run folder:
+
+    RUN/deepspeed/step_00000100/         DeepSpeed tag dir (model, optimizer, scheduler shards)
+        ema.pt                           EMA shadow weights (rank 0 writes, every rank reads)
+        rng_rank{R}.pt                   torch / numpy / python RNG state of rank R
+        COMPLETE                         written last, atomically: this checkpoint is whole
+    RUN/checkpoints/step_00000100.safetensors   consolidated weights (train.checkpoint format)
+
+A tag dir without COMPLETE is a save that crashed (kill -9, node failure): it is
+never resumed from and is deleted at the next successful save. DeepSpeed's own
+`latest` file is not used because it is written before all ranks are done.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import atomic_write
+
+from .checkpoint import CKPT_DIR
+
+DS_DIR = "deepspeed"
+MARKER = "COMPLETE"
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+EXIT_REQUEUE = 75        # EX_TEMPFAIL: "stopped on a signal, checkpoint saved, run me again"
+
+
+def tag_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(ds_root: Path) -> list[tuple[int, Path]]:
+    """(step, tag dir) of every complete checkpoint, oldest first."""
+    found = []
+    if ds_root.is_dir():
+        for d in ds_root.iterdir():
+            m = _TAG_RE.match(d.name)
+            if m and d.is_dir() and (d / MARKER).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The tag dir to resume from: None = fresh start.
+
+    `auto`: the newest complete checkpoint of this run, or a fresh start when there
+    is none. A path: a tag dir (must be complete) or a run folder (its newest).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(run_dir / DS_DIR)
+        return done[-1][1] if done else None
+    path = Path(resume)
+    if not path.exists():
+        raise CxrError(f"--resume {resume}: not found")
+    if _TAG_RE.match(path.name):
+        if not (path / MARKER).is_file():
+            raise CxrError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker: "
+                           "its save was interrupted); pick an older one")
+        return path
+    for root in (path / DS_DIR, path):
+        done = complete_checkpoints(root)
+        if done:
+            return done[-1][1]
+    raise CxrError(f"--resume {resume}: holds no complete DeepSpeed checkpoint")
+
+
+def mark_complete(tag_dir: Path, info: dict[str, Any]) -> None:
+    with atomic_write(tag_dir / MARKER, "w") as f:
+        json.dump({**info, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop crashed (incomplete) saves.
+
+    Consolidated .safetensors files are pruned to the same steps (plus any newer).
+    Call on rank 0 only, after the newest checkpoint is marked complete.
+    """
+    ds_root = run_dir / DS_DIR
+    done = complete_checkpoints(ds_root)
+    keep = {step for step, _ in done[-keep_last:]}
+    for d in ds_root.iterdir() if ds_root.is_dir() else ():
+        m = _TAG_RE.match(d.name)
+        if m and int(m.group(1)) not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+    oldest_kept = min(keep) if keep else 0
+    for f in (run_dir / CKPT_DIR).glob("step_*.safetensors"):
+        m = re.match(r"step_(\d+)\.safetensors$", f.name)
+        if m and int(m.group(1)) < oldest_kept:
+            f.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# RNG state: per rank, so every rank's noise stream continues where it stopped
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rank_state(tag_dir: Path, rank: int) -> None:
+    with atomic_write(tag_dir / f"rng_rank{rank}.pt") as f:
+        torch.save(rng_state(), f)
+
+
+def load_rank_state(tag_dir: Path, rank: int) -> None:
+    path = tag_dir / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        raise CxrError(f"{tag_dir}: no RNG state for rank {rank} (was it saved with a different "
+                       "number of ranks?)")
+    set_rng_state(torch.load(path, weights_only=False))  # our own file: numpy state needs pickle
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# preemption: Slurm sends SIGUSR1 (--signal=USR1@120) before the time limit and
+# SIGTERM on preemption/scancel. The handler only sets a flag; the loop finishes
+# its step, agrees with the other ranks, saves and exits with EXIT_REQUEUE.
+
+class StopFlag:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.signum: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def close(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
