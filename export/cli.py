@@ -1,12 +1,110 @@
-"""`cxr-export`: thin click commands over export/ library functions."""
+"""`cxr-export`: thin click commands over export/ library functions.
+
+    cxr-export onnx --ckpt runs/tiny --precision fp16          # -> runs/tiny/checkpoints/step_..fp16.onnx
+    cxr-export onnx --ckpt model-10.pt --config configs/cxr128.yaml --out unet.onnx
+    cxr-export trt --onnx unet.fp16.onnx --precision fp16 --batch 1:8:32 --timing-cache trt.cache
+    cxr-export verify unet.fp16.onnx --ckpt runs/tiny
+"""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from cxr_ddpm.runtime.errors import CxrError, cli_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Export a trained U-Net to ONNX / TensorRT, verified against PyTorch."""
+
+
+def _config(path: str | None):
+    if path is None:
+        return None
+    from cxr_ddpm.runtime.config import load_config
+    return load_config(path)
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise CxrError(f"--batch {text!r}: expected comma-separated batch sizes >= 1, e.g. 1,3")
+    return sizes
+
+
+@main.command("onnx")
+@click.option("--ckpt", required=True, help="Checkpoint .safetensors, run folder (newest checkpoint) or lucidrains model-N.pt.")
+@click.option("--config", "config_path", default=None, help="Config file describing a lucidrains model-N.pt.")
+@click.option("--out", default=None, help="Output .onnx (default: beside the checkpoint).")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA (default) or online weights.")
+@click.option("--opset", default=None, type=int, help="ONNX opset (default 18, minimum 17).")
+@click.option("--batch", default="1:4:16", show_default=True, help="MIN:OPT:MAX batch recorded for TensorRT profiles.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="ORT vs PyTorch parity before writing.")
+@click.option("--atol", default=None, type=float, help="Tolerance on max error / output std (default 1e-4 fp32, 2e-2 fp16).")
+@cli_errors
+def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, opset: int | None, batch: str,
+             precision: str, verify: bool, atol: float | None) -> None:
+    """Export the U-Net denoiser to ONNX with its metadata; verify; write atomically."""
+    from .onnx_export import DEFAULT_OPSET, check_opset, export_onnx
+    from .trt_build import parse_batch
+    bounds = parse_batch(batch)
+    check_opset(opset if opset is not None else DEFAULT_OPSET)
+    res = export_onnx(ckpt, out, config=_config(config_path), ema=ema, batch=bounds,
+                      opset=opset if opset is not None else DEFAULT_OPSET, precision=precision,
+                      verify=verify, atol=atol)
+    if res.report is not None:
+        click.echo(res.report.table())
+        click.echo(f"verified: {res.report.summary()}")
+    click.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB, {res.precision}, {res.exporter} exporter, "
+               f"opset {res.opset}, {res.seconds:.1f} s)")
+
+
+@main.command("trt")
+@click.option("--onnx", "onnx_path", required=True, help="ONNX file written by cxr-export onnx.")
+@click.option("--out", default=None, help="Output engine file (default: beside the ONNX).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--batch", default=None, help="MIN:OPT:MAX optimization profile (default: the ONNX's).")
+@click.option("--timing-cache", default=None, help="Timing cache file: loaded if present, saved after the build.")
+@click.option("--workspace", default=4.0, type=float, show_default=True, help="Builder workspace limit in GB.")
+@cli_errors
+def trt_cmd(onnx_path: str, out: str | None, precision: str, batch: str | None, timing_cache: str | None,
+            workspace: float) -> None:
+    """Build a TensorRT engine (header with metadata + plan) from a cxr-export ONNX."""
+    from .trt_build import build_engine, parse_batch
+    bounds = parse_batch(batch) if batch is not None else None
+    path = build_engine(onnx_path, out, precision=precision, batch=bounds, timing_cache=timing_cache,
+                        workspace_gb=workspace)
+    click.echo(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+
+
+@main.command("verify")
+@click.argument("artifact")
+@click.option("--ckpt", required=True, help="The checkpoint the artifact was exported from.")
+@click.option("--config", "config_path", default=None, help="Config file for a lucidrains model-N.pt.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime provider for ONNX artifacts.")
+@click.option("--batch", default="1,3", show_default=True, help="Comma-separated batch sizes to check.")
+@click.option("--atol", default=None, type=float, help="Tolerance on max error / output std.")
+@click.option("--onnx", "onnx_path", default=None, help="For engines: refuse unless built from this ONNX.")
+@cli_errors
+def verify_cmd(artifact: str, ckpt: str, config_path: str | None, provider: str, batch: str,
+               atol: float | None, onnx_path: str | None) -> None:
+    """Re-run the parity check of an ONNX file or TensorRT engine against its checkpoint."""
+    from .trt_build import sha256_file
+    from .verify import verify_artifact
+    sizes = _batch_sizes(batch)
+    onnx_sha = sha256_file(onnx_path) if onnx_path else None
+    report = verify_artifact(artifact, ckpt, config=_config(config_path), provider=provider,
+                             batches=sizes, tol=atol, onnx_sha256=onnx_sha)
+    click.echo(report.table())
+    if not report.ok:
+        raise CxrError(f"{artifact}: verification failed: {report.summary()}")
+    click.echo(f"ok: {report.summary()}")
 
 
 if __name__ == "__main__":

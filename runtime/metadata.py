@@ -104,3 +104,30 @@ def config_from_metadata(meta: dict[str, Any], source: str) -> Config:
 
 def dumps(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"))
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The checked metadata document of an ONNX artifact (torch-free).
+
+    Uses the `onnx` package when installed (parses the protobuf only: no graph
+    optimisation, cheap for big models), else an onnxruntime session.
+    """
+    src = str(path)
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{src}: ONNX file not found" if not path.exists() else f"{src}: not a file")
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    try:
+        if onnx is not None:
+            model = onnx.load(str(path), load_external_data=False)
+            props = {p.key: p.value for p in model.metadata_props}
+        else:
+            import onnxruntime as ort
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            props = dict(sess.get_modelmeta().custom_metadata_map)
+    except Exception as e:  # protobuf DecodeError, ORT InvalidProtobuf/Fail: all mean "not a model"
+        raise CxrError(f"{src}: not a readable ONNX model ({' '.join(str(e).split())[:120]})") from None
+    return parse_metadata(props.get(METADATA_KEY), src)

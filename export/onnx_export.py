@@ -1,0 +1,291 @@
+"""Export the U-Net denoiser to ONNX with its metadata, verified before it is written.
+
+    res = export_onnx("runs/tiny", "tiny.onnx", precision="fp16")
+    res.exporter, res.opset, res.report.table()
+
+The graph is `out = unet(x[B,1,H,W], t[B])` (+ `x_self_cond`, + `class` when the
+model has them; see DenoiserWrapper), batch axis "B" dynamic. Steps: load the
+checkpoint -> trace with torch.onnx's dynamo exporter (legacy TorchScript exporter
+as fallback) -> attach the metadata JSON -> optional fp16 conversion (fp32 I/O)
+-> onnx.checker -> save to a temp file beside the target -> ORT-vs-PyTorch parity
+on that temp file -> rename. A failure anywhere leaves nothing at the target.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir
+from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
+from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
+
+from .trt_build import parse_batch  # noqa: F401  (re-exported: the CLI and callers parse --batch here)
+from .verify import VerifyReport, check_parity, default_tolerance
+
+MIN_OPSET = 17          # LayerNormalization is opset 17; TensorRT 10 parses 17+
+MAX_OPSET = 23          # newest opset torch 2.14's exporter emits
+DEFAULT_OPSET = 18      # GroupNormalization-capable, parsed by TensorRT 10/11 and ORT >= 1.14
+DEFAULT_BATCH = (1, 4, 16)
+EXPORTERS = ("dynamo", "legacy")
+
+
+class DenoiserWrapper(torch.nn.Module):
+    """lucidrains' Unet as f(x, t[, x_self_cond][, class]) with ONNX-friendly inputs.
+
+    `t` arrives as int64 and is cast here (lucidrains feeds its long timesteps into a
+    float sinusoidal embedding, same values). `class == num_classes` is the null
+    (unconditional) label for classifier-free guidance: it selects the U-Net's
+    learned null embedding through `cond_keep_mask`, so one graph serves both passes.
+    """
+
+    def __init__(self, unet: torch.nn.Module, cfg: Config) -> None:
+        super().__init__()
+        self.unet = unet.eval()
+        self.num_classes = cfg.model.num_classes
+        self.self_condition = cfg.model.self_condition and self.num_classes == 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        time = t.to(torch.float32)
+        if self.num_classes > 0:
+            cls = extra[0]
+            keep = cls < self.num_classes                      # (B,) False -> null embedding
+            return self.unet(x, time, classes=cls.clamp(max=self.num_classes - 1),
+                             cond_drop_prob=0.0, cond_keep_mask=keep)
+        if self.self_condition:
+            return self.unet(x, time, extra[0])
+        return self.unet(x, time)
+
+
+def io_spec(cfg: Config) -> dict[str, Any]:
+    """Input/output names, dtypes and shapes as stored in the metadata ("B" = dynamic batch)."""
+    hw = cfg.model.image_size
+    img = ["B", cfg.model.channels, hw, hw]
+    inputs = [{"name": "x", "dtype": "float32", "shape": img}, {"name": "t", "dtype": "int64", "shape": ["B"]}]
+    if cfg.model.num_classes > 0:
+        inputs.append({"name": "class", "dtype": "int64", "shape": ["B"]})
+    elif cfg.model.self_condition:
+        inputs.append({"name": "x_self_cond", "dtype": "float32", "shape": img})
+    return {"inputs": inputs, "outputs": [{"name": "out", "dtype": "float32", "shape": img}]}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    opset: int
+    precision: str
+    size_bytes: int
+    seconds: float                       # wall time of the whole export incl. verification
+    meta: dict[str, Any]
+    report: VerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_opset(opset: int) -> int:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise CxrError(f"--opset {opset}: supported opsets are {MIN_OPSET}..{MAX_OPSET} "
+                       f"(minimum {MIN_OPSET}: LayerNormalization / GroupNorm export)")
+    return opset
+
+
+def default_onnx_path(ckpt: Checkpoint, precision: str) -> Path:
+    stem = ckpt.path.stem if ckpt.path.suffix else ckpt.path.name
+    return ckpt.path.with_name(f"{stem}.{precision}.onnx")
+
+
+def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Config | None = None,
+                ema: bool = True, opset: int = DEFAULT_OPSET, batch: tuple[int, int, int] = DEFAULT_BATCH,
+                precision: str = "fp32", verify: bool = True, atol: float | None = None,
+                verify_batches: tuple[int, ...] = (1, 3), exporter: str = "auto",
+                log: Any = None) -> ExportResult:
+    """Checkpoint (file, run folder, or lucidrains .pt + config) -> verified ONNX at `out`."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    check_opset(opset)
+    if precision not in ("fp32", "fp16"):
+        raise CxrError(f"--precision {precision!r}: ONNX export supports fp32 and fp16")
+    if exporter not in ("auto", *EXPORTERS):
+        raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
+    lo, opt, hi = batch
+    if not 1 <= lo <= opt <= hi:
+        raise CxrError(f"--batch {lo}:{opt}:{hi}: need 1 <= MIN <= OPT <= MAX")
+    if out is not None:                      # fail on an unwritable target before minutes of work
+        ensure_writable_dir(Path(out).parent or Path("."))
+
+    ck = load_checkpoint(ckpt, config)
+    cfg = ck.cfg
+    out = Path(out) if out is not None else default_onnx_path(ck, precision)
+    ensure_writable_dir(out.parent or Path("."))
+    unet = ck.build_unet(ema=ema)
+    wrapper = DenoiserWrapper(unet, cfg).eval()
+    spec = io_spec(cfg)
+
+    model, used = export_graph(wrapper, cfg, spec, opset, exporter, log)
+    weights = "ema" if (ema and ck.ema is not None) else "online"
+    doc = build_metadata(
+        cfg, kind="onnx", class_names=ck.class_names, io=spec, precision=precision, exporter=used,
+        opset=opset, batch={"min": lo, "opt": opt, "max": hi},
+        source={"checkpoint_sha256": ck.sha256, "step": ck.step, "weights": weights,
+                "path": str(ck.path)},
+        null_class=cfg.model.num_classes if cfg.model.num_classes > 0 else None,
+        self_condition=bool(cfg.model.self_condition and cfg.model.num_classes == 0))
+    model = finalize_model(model, doc, precision)
+
+    report = None
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+        if verify:
+            tol = atol if atol is not None else default_tolerance(precision)
+            report = check_parity(tmp, wrapper, cfg, precision=precision, batches=verify_batches,
+                                  tol=tol, source=str(out))
+            if not report.ok:
+                raise CxrError(f"{out}: verification failed: {report.summary()}; nothing written")
+    return ExportResult(out, used, opset, precision, out.stat().st_size, time.perf_counter() - start,
+                        doc, report)
+
+
+def export_graph(wrapper: DenoiserWrapper, cfg: Config, spec: dict[str, Any], opset: int,
+                 exporter: str, log: Any) -> tuple[onnx.ModelProto, str]:
+    """Trace to an in-memory ModelProto; dynamo first, legacy TorchScript exporter as fallback."""
+    example = example_inputs(cfg, spec, batch=2)   # batch 2: a batch of 1 would be specialised away
+    names = [s["name"] for s in spec["inputs"]]
+    order = EXPORTERS if exporter == "auto" else (exporter,)
+    errors = []
+    for name in order:
+        log(f"exporting with the torch.onnx {name} exporter (opset {opset})...")
+        try:
+            with _quiet():
+                model = (_export_dynamo if name == "dynamo" else _export_legacy)(wrapper, example, names, opset)
+            if model.opset_import and max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) != opset:
+                raise RuntimeError("exporter produced another opset than requested")
+            return model, name
+        except Exception as e:  # exporter internals: any failure means "try the next one"
+            errors.append(f"{name}: {' '.join(str(e).split())[:200]}")
+            log(f"  {name} exporter failed: {errors[-1]}")
+    raise CxrError(f"ONNX export failed with every exporter ({'; '.join(errors)})")
+
+
+def example_inputs(cfg: Config, spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    tensors = []
+    for s in spec["inputs"]:
+        shape = [batch if d == "B" else d for d in s["shape"]]
+        if s["name"] == "t":
+            tensors.append(torch.randint(0, cfg.diffusion.timesteps, shape, generator=g))
+        elif s["name"] == "class":
+            tensors.append(torch.randint(0, cfg.model.num_classes + 1, shape, generator=g))
+        else:
+            tensors.append(torch.randn(shape, generator=g))
+    return tuple(tensors)
+
+
+def _export_dynamo(wrapper: torch.nn.Module, example: tuple, names: list[str], opset: int) -> onnx.ModelProto:
+    B = torch.export.Dim("B", min=1, max=4096)
+    program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset, input_names=names,
+                                output_names=["out"], dynamic_shapes=tuple({0: B} for _ in names),
+                                verbose=False, optimize=True)
+    return program.model_proto
+
+
+def _export_legacy(wrapper: torch.nn.Module, example: tuple, names: list[str], opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    torch.onnx.export(wrapper, example, buf, dynamo=False, opset_version=opset, input_names=names,
+                      output_names=["out"], dynamic_axes={n: {0: "B"} for n in [*names, "out"]},
+                      do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress lines and user warnings meant for torch developers."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def finalize_model(model: onnx.ModelProto, doc: dict[str, Any], precision: str) -> onnx.ModelProto:
+    """Attach metadata, convert to fp16 when asked, and check the graph."""
+    if precision == "fp16":
+        model = to_fp16(model)
+    del model.metadata_props[:]
+    for node in model.graph.node:      # exporter debug info: stack traces with this machine's paths
+        del node.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, dumps(doc)
+    model.producer_name = "cxr-ddpm"
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise CxrError(f"exported graph fails onnx.checker: {' '.join(str(e).split())[:200]}") from None
+    return model
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and activations with float32 graph inputs/outputs (Cast nodes at the boundary).
+
+    onnxconverter-common's converter; int64 inputs (t, class) and the ops it knows
+    to be fp16-unsafe stay as they are, and so does the time embedding up to its
+    sin/cos: t * freq reaches ~1000, where fp16's spacing is 0.5, so sin(t * freq)
+    would lose its phase at late timesteps (cxr128, random init, t=999: max error
+    2.2e-2 x output std with it in fp16, 1.7e-2 with it kept in fp32).
+    """
+    from onnxconverter_common import float16
+    keep_fp32 = time_embedding_nodes(model.graph)
+    originals = {i.name: onnx.TensorProto.FromString(i.SerializeToString()) for i in model.graph.initializer}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # "values truncated to fp16 range" for tiny weights
+        model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
+                                                 node_block_list=keep_fp32)
+    # The converter still rounds the blocked nodes' weights (the embedding frequencies) to fp16
+    # and casts them back; restore the fp32 values where only Cast(to=float) consumes them.
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for init in model.graph.initializer:
+        users = consumers.get(init.name, [])
+        if (init.data_type == onnx.TensorProto.FLOAT16 and users and init.name in originals
+                and all(u.op_type == "Cast" and u.attribute[0].i == onnx.TensorProto.FLOAT for u in users)):
+            init.CopyFrom(originals[init.name])
+    # The converter retypes every float value_info to fp16 but leaves the graph's own
+    # Cast(to=float) nodes (here: t -> float for the time embedding) alone, which ORT
+    # rejects as a type mismatch. Point those casts at fp16 too.
+    f16 = {v.name for v in model.graph.value_info
+           if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.output[0] in f16:
+            for attr in node.attribute:
+                if attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                    attr.i = onnx.TensorProto.FLOAT16
+    return model
+
+
+def time_embedding_nodes(graph: onnx.GraphProto, max_nodes: int = 64) -> list[str]:
+    """Names of the nodes from input `t` up to and including the first Sin/Cos on each path."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen: dict[str, onnx.NodeProto] = {}
+    frontier = ["t"]
+    while frontier and len(seen) <= max_nodes:
+        for node in consumers.get(frontier.pop(), []):
+            if node.name in seen or node.op_type == "Shape":   # Shape(t) only feeds batch-size plumbing
+                continue
+            seen[node.name] = node
+            if node.op_type not in ("Sin", "Cos"):
+                frontier.extend(node.output)
+    if len(seen) > max_nodes or not any(n.op_type in ("Sin", "Cos") for n in seen.values()):
+        return []                                  # not the sinusoidal embedding we know: convert as is
+    return list(seen)

@@ -1,0 +1,167 @@
+"""Build a TensorRT engine from a cxr-ddpm ONNX file with the TensorRT Python API.
+
+TensorRT 10 and 11 differ in how precision is chosen:
+- TensorRT 10: weakly typed networks by default; `BuilderFlag.FP16` / `BF16` let the
+  builder pick reduced-precision kernels for an fp32 ONNX. An fp16 ONNX is built as
+  a strongly typed network (precision from the ONNX types).
+- TensorRT 11: the precision builder flags are gone and every network is strongly
+  typed, so an fp16 engine needs an fp16 ONNX (`cxr-export onnx --precision fp16`).
+Those rules live in the small pure functions below (`plan_build`, `parse_batch`,
+`profile_shapes`, `engine_metadata`), unit-tested without TensorRT; `build_engine`
+is the only code that touches TensorRT itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxr_ddpm.runtime.backends.tensorrt import gpu_info, import_tensorrt
+from cxr_ddpm.runtime.engine_file import write_engine
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
+from cxr_ddpm.runtime.metadata import read_onnx_metadata
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+MIN_TRT_MAJOR = 10
+_BATCH_RE = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*:\s*(\d+)\s*)?$")
+
+
+def parse_batch(text: str, flag: str = "--batch") -> tuple[int, int, int]:
+    """'MIN:OPT:MAX' (or one number N meaning N:N:N) -> (min, opt, max), 1 <= min <= opt <= max."""
+    m = _BATCH_RE.match(str(text))
+    if not m:
+        raise CxrError(f"{flag} {text!r}: expected MIN:OPT:MAX (e.g. 1:4:16) or one number")
+    lo, opt, hi = (int(m.group(1)),) * 3 if m.group(2) is None else map(int, m.groups())
+    if not 1 <= lo <= opt <= hi:
+        raise CxrError(f"{flag} {text!r}: need 1 <= MIN <= OPT <= MAX")
+    return lo, opt, hi
+
+
+def trt_major(version: str) -> int:
+    m = re.match(r"^(\d+)\.", str(version))
+    if not m:
+        raise CxrError(f"cannot parse TensorRT version {version!r}")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    strongly_typed: bool            # pass NetworkDefinitionCreationFlag.STRONGLY_TYPED (TRT 10 only)
+    builder_flags: tuple[str, ...]  # names in trt.BuilderFlag to set
+
+
+def plan_build(trt_version: str, precision: str, onnx_precision: str) -> BuildPlan:
+    """How to get an engine of `precision` from an ONNX of `onnx_precision` on this TensorRT."""
+    if precision not in PRECISIONS:
+        raise CxrError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    major = trt_major(trt_version)
+    if major < MIN_TRT_MAJOR:
+        raise CxrError(f"TensorRT {trt_version} is too old: cxr-export trt needs TensorRT {MIN_TRT_MAJOR} or newer")
+    if onnx_precision not in ("fp32", "fp16"):
+        raise CxrError(f"ONNX precision {onnx_precision!r} is not one cxr-export writes (fp32, fp16)")
+    if onnx_precision == "fp16":
+        if precision != "fp16":
+            raise CxrError(f"--precision {precision}: the ONNX is fp16, which builds an fp16 engine only; "
+                           "export an fp32 ONNX for an fp32/bf16 engine")
+        # Types come from the graph. TRT 11 is always strongly typed (the flag is deprecated, ignored).
+        return BuildPlan(strongly_typed=major == 10, builder_flags=())
+    if precision == "fp32":
+        return BuildPlan(strongly_typed=False, builder_flags=())
+    if major >= 11:
+        hint = ("export with cxr-export onnx --precision fp16" if precision == "fp16"
+                else "TensorRT 11 has no BF16 builder flag and cxr-export writes no bf16 ONNX; use fp16")
+        raise CxrError(f"--precision {precision}: TensorRT {trt_version} takes precision from the ONNX "
+                       f"types and this ONNX is fp32; {hint}")
+    return BuildPlan(strongly_typed=False, builder_flags=(precision.upper(),))
+
+
+def profile_shapes(io: dict[str, Any], batch: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Per input: (min, opt, max) shapes, the batch axis ("B" in the metadata) set from `batch`."""
+    out = {}
+    for spec in io["inputs"]:
+        dims = spec["shape"]
+        out[spec["name"]] = tuple(tuple(b if d == "B" else int(d) for d in dims) for b in batch)
+    return out
+
+
+def engine_metadata(onnx_meta: dict[str, Any], *, trt_version: str, gpu: str, compute_capability: str,
+                    onnx_sha256: str, precision: str, batch: tuple[int, int, int]) -> dict[str, Any]:
+    """The ONNX document, re-labelled kind="tensorrt", plus where and how the engine was built."""
+    lo, opt, hi = batch
+    return {**onnx_meta, "kind": "tensorrt",
+            "tensorrt": {"version": str(trt_version), "gpu": gpu, "compute_capability": compute_capability,
+                         "onnx_sha256": onnx_sha256, "precision": precision,
+                         "onnx_precision": onnx_meta.get("precision", "fp32"),
+                         "profile": {"min": lo, "opt": opt, "max": hi}}}
+
+
+def default_engine_path(onnx_path: Path, precision: str) -> Path:
+    return onnx_path.with_name(f"{onnx_path.stem}.{precision}.engine")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CxrError(f"{path}: cannot read: {e.strerror}") from None
+    return h.hexdigest()
+
+
+def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precision: str = "fp16",
+                 batch: tuple[int, int, int] | None = None, timing_cache: str | Path | None = None,
+                 workspace_gb: float = 4.0, device: int = 0) -> Path:
+    """ONNX -> engine file (header + plan), written atomically. Returns the engine path."""
+    trt = import_tensorrt()                            # the one-line install hint comes first
+    onnx_path = Path(onnx_path)
+    meta = read_onnx_metadata(onnx_path)               # refuses non-cxr-ddpm ONNX before any GPU work
+    out = Path(out) if out else default_engine_path(onnx_path, precision)
+    ensure_writable_dir(out.parent or Path("."))
+    if workspace_gb <= 0:
+        raise CxrError(f"--workspace {workspace_gb}: must be > 0 GB")
+    plan_spec = plan_build(trt.__version__, precision, meta.get("precision", "fp32"))
+    if batch is None:
+        rec = meta.get("batch") or {}
+        batch = tuple(int(rec.get(k, 1)) for k in ("min", "opt", "max"))  # type: ignore[assignment]
+    gpu, cc = gpu_info(device)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan_spec.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CxrError(f"{onnx_path}: TensorRT cannot parse this ONNX: {errors[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    for name in plan_spec.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile_shapes(meta["io"], batch).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+
+    cache_bytes = b""
+    if timing_cache and Path(timing_cache).is_file():
+        cache_bytes = Path(timing_cache).read_bytes()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=True)   # a cache from another GPU is just ignored
+
+    print(f"building TensorRT {trt.__version__} {precision} engine for {gpu} (sm {cc}), "
+          f"batch {batch[0]}:{batch[1]}:{batch[2]} (this takes minutes)...", flush=True)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CxrError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
+    doc = engine_metadata(meta, trt_version=trt.__version__, gpu=gpu, compute_capability=cc,
+                          onnx_sha256=sha256_file(onnx_path), precision=precision, batch=batch)
+    write_engine(out, doc, bytes(serialized))
+    if timing_cache:
+        with atomic_write(timing_cache, "wb") as f:
+            f.write(bytes(config.get_timing_cache().serialize()))
+    return out

@@ -1,0 +1,195 @@
+"""Parity of an exported artifact against the PyTorch U-Net it came from.
+
+The same inputs go through both: x ~ N(0, 1) (the noisy-image scale), t at the
+start, middle and end of the schedule, for batch sizes 1 and 3 by default. The
+error reported per case is max|artifact - torch| and that divided by the
+reference output's std ("rel"): a U-Net's output scale differs between models
+and timesteps, so the tolerance applies to the scaled error. Defaults: 1e-4 for
+fp32 artifacts, 2e-2 for fp16 ones.
+
+    report = verify_artifact("tiny.fp16.onnx", "runs/tiny")
+    print(report.table()); report.ok
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.runtime.errors import CxrError
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def default_tolerance(precision: str) -> float:
+    return TOLERANCE[precision]
+
+
+def default_timesteps(T: int) -> tuple[int, ...]:
+    return tuple(sorted({0, T // 2, T - 1}))
+
+
+@dataclass
+class Row:
+    timestep: int
+    batch: int
+    max_abs: float
+    rel: float            # max_abs / std(reference output)
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    rows: list[Row]
+    tol: float
+    precision: str
+    backend: str
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def worst(self) -> Row:
+        return max(self.rows, key=lambda r: r.rel)
+
+    def summary(self) -> str:
+        w = self.worst()
+        return (f"worst error {w.rel:.2e} x output std (max abs {w.max_abs:.2e}) at t={w.timestep}, "
+                f"batch {w.batch}; tolerance {self.tol:.0e} ({self.precision}, {self.backend})")
+
+    def table(self) -> str:
+        lines = [f"{'t':>6} {'batch':>5} {'max abs':>10} {'rel':>10}  ok",
+                 *(f"{r.timestep:>6} {r.batch:>5} {r.max_abs:>10.2e} {r.rel:>10.2e}  {'yes' if r.ok else 'NO'}"
+                   for r in self.rows)]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tol": self.tol, "precision": self.precision, "backend": self.backend, "ok": self.ok,
+                "rows": [r.__dict__ for r in self.rows]}
+
+
+def make_feeds(cfg: Config, io: dict[str, Any], batch: int, timestep: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for s in io["inputs"]:
+        shape = [batch if d == "B" else int(d) for d in s["shape"]]
+        if s["name"] == "t":
+            feeds["t"] = np.full(shape, timestep, np.int64)
+        elif s["name"] == "class":          # every label plus the null label
+            feeds["class"] = np.arange(batch, dtype=np.int64) % (cfg.model.num_classes + 1)
+        elif s["name"] == "x_self_cond":
+            feeds[s["name"]] = np.clip(rng.standard_normal(shape) * 0.5, -1, 1).astype(np.float32)
+        else:
+            feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def torch_runner(wrapper: Any, io: dict[str, Any]) -> Runner:
+    import torch
+    names = [s["name"] for s in io["inputs"]]
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return wrapper(*(torch.from_numpy(feeds[n]) for n in names)).float().numpy()
+    return run
+
+
+def ort_runner(path: str | Path, provider: str = "cpu") -> Runner:
+    import onnxruntime as ort
+    providers = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise CxrError("--provider cuda: this onnxruntime has no CUDA provider (pip install 'cxr-ddpm[gpu]')")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:
+        raise CxrError(f"{path}: onnxruntime cannot load it ({' '.join(str(e).split())[:160]})") from None
+    return lambda feeds: sess.run(["out"], feeds)[0]
+
+
+def engine_runner(path: str | Path, onnx_sha256: str | None = None) -> tuple[Runner, Any]:
+    from cxr_ddpm.runtime.backends.tensorrt import TrtEngine
+    eng = TrtEngine(path, onnx_sha256=onnx_sha256)
+    return (lambda feeds: eng.infer(feeds)["out"]), eng
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    if ref.shape != got.shape:
+        raise CxrError(f"artifact output shape {got.shape} differs from the PyTorch output {ref.shape}")
+    got = got.astype(np.float64)
+    ref = ref.astype(np.float64)
+    if not np.isfinite(got).all():
+        return float("inf"), float("inf")
+    max_abs = float(np.abs(got - ref).max())
+    return max_abs, max_abs / max(float(ref.std()), 1e-6)
+
+
+def run_parity(run: Runner, reference: Runner, cfg: Config, io: dict[str, Any], *, precision: str,
+               batches: tuple[int, ...], tol: float, backend: str,
+               timesteps: tuple[int, ...] | None = None, seed: int = 0) -> VerifyReport:
+    cases = [(t, b) for t in (timesteps or default_timesteps(cfg.diffusion.timesteps)) for b in batches]
+    rows = []
+    for i, (t, b) in enumerate(tqdm(cases, desc=f"verify {backend}", unit="case", leave=False)):
+        feeds = make_feeds(cfg, io, b, t, seed + i)
+        max_abs, rel = compare(reference(feeds), run(feeds))
+        rows.append(Row(t, b, max_abs, rel, rel <= tol))
+    return VerifyReport(rows, tol, precision, backend)
+
+
+def check_parity(onnx_path: str | Path, wrapper: Any, cfg: Config, *, precision: str,
+                 batches: tuple[int, ...] = (1, 3), tol: float | None = None, source: str | None = None,
+                 provider: str = "cpu", timesteps: tuple[int, ...] | None = None) -> VerifyReport:
+    """ORT (on `onnx_path`) vs the PyTorch `wrapper`: the check export_onnx runs before renaming."""
+    from .onnx_export import io_spec
+    io = io_spec(cfg)
+    return run_parity(ort_runner(onnx_path, provider), torch_runner(wrapper, io), cfg, io,
+                      precision=precision, batches=batches, backend=f"onnxruntime-{provider}",
+                      tol=tol if tol is not None else default_tolerance(precision), timesteps=timesteps)
+
+
+def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | None = None,
+                    provider: str = "cpu", batches: tuple[int, ...] = (1, 3), tol: float | None = None,
+                    onnx_sha256: str | None = None) -> VerifyReport:
+    """Re-run the parity check on an ONNX file or engine against the checkpoint it came from."""
+    from cxr_ddpm.runtime.engine_file import is_engine_file, read_engine_header
+    from cxr_ddpm.runtime.metadata import read_onnx_metadata
+    from cxr_ddpm.train.checkpoint import load_checkpoint
+
+    from .onnx_export import DenoiserWrapper
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise CxrError(f"{artifact}: artifact not found")
+    engine = is_engine_file(artifact)
+    meta = read_engine_header(artifact)[0] if engine else read_onnx_metadata(artifact)
+    ck = load_checkpoint(ckpt, config)
+    src = meta.get("source") or {}
+    if src.get("checkpoint_sha256") and ck.sha256 and src["checkpoint_sha256"] != ck.sha256:
+        raise CxrError(f"{artifact}: exported from another checkpoint (step {src.get('step')}, sha256 "
+                       f"{src['checkpoint_sha256'][:12]}...) than {ck.path} (step {ck.step}, "
+                       f"sha256 {ck.sha256[:12]}...)")
+    if ck.cfg.to_dict()["model"] != meta["config"]["model"]:
+        raise CxrError(f"{artifact}: its model config differs from the checkpoint's ({ck.path})")
+    wrapper = DenoiserWrapper(ck.build_unet(ema=src.get("weights", "ema") == "ema"), ck.cfg)
+    io = meta["io"]
+    if engine:
+        trt = meta["tensorrt"]
+        batches = tuple(b for b in batches if trt["profile"]["min"] <= b <= trt["profile"]["max"]) \
+            or (trt["profile"]["opt"],)
+        run, eng = engine_runner(artifact, onnx_sha256)
+        precision, backend = trt["precision"], "tensorrt"
+    else:
+        run, eng = ort_runner(artifact, provider), None
+        precision, backend = meta.get("precision", "fp32"), f"onnxruntime-{provider}"
+    try:
+        return run_parity(run, torch_runner(wrapper, io), ck.cfg, io, precision=precision, batches=batches,
+                          tol=tol if tol is not None else default_tolerance(precision), backend=backend)
+    finally:
+        if eng is not None:
+            eng.close()

@@ -1,0 +1,103 @@
+"""cxr-export trt: version branching and profile parsing without TensorRT; a real build where it exists."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cxr_ddpm.export.cli import main
+from cxr_ddpm.export.trt_build import BuildPlan, parse_batch, plan_build, profile_shapes, trt_major
+from cxr_ddpm.runtime.errors import CxrError
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.parametrize("text, want", [("1:4:16", (1, 4, 16)), ("8", (8, 8, 8)), (" 2 : 2 : 3 ", (2, 2, 3))])
+def test_parse_batch(text: str, want: tuple) -> None:
+    assert parse_batch(text) == want
+
+
+@pytest.mark.parametrize("text", ["4:2:8", "a:b:c", "0:1:2", "1:2", "1:2:3:4", "", "-1:2:3", "1.5:2:3"])
+def test_parse_batch_refuses(text: str) -> None:
+    with pytest.raises(CxrError, match=r"^--batch "):
+        parse_batch(text)
+
+
+def test_trt_major() -> None:
+    assert trt_major("10.13.0.35") == 10 and trt_major("11.4.0.106") == 11
+    with pytest.raises(CxrError, match="cannot parse TensorRT version"):
+        trt_major("x")
+
+
+@pytest.mark.parametrize("version, precision, onnx_precision, want", [
+    ("10.13.0.35", "fp32", "fp32", BuildPlan(False, ())),
+    ("10.13.0.35", "fp16", "fp32", BuildPlan(False, ("FP16",))),      # weakly typed + builder flag
+    ("10.13.0.35", "bf16", "fp32", BuildPlan(False, ("BF16",))),
+    ("10.13.0.35", "fp16", "fp16", BuildPlan(True, ())),               # types from the graph
+    ("11.4.0.106", "fp32", "fp32", BuildPlan(False, ())),
+    ("11.4.0.106", "fp16", "fp16", BuildPlan(False, ())),              # always strongly typed on 11
+])
+def test_plan_build(version: str, precision: str, onnx_precision: str, want: BuildPlan) -> None:
+    assert plan_build(version, precision, onnx_precision) == want
+
+
+@pytest.mark.parametrize("version, precision, onnx_precision, needle", [
+    ("11.4.0.106", "fp16", "fp32", "export with cxr-export onnx --precision fp16"),
+    ("11.4.0.106", "bf16", "fp32", "TensorRT 11 has no BF16 builder flag"),
+    ("10.13.0.35", "fp32", "fp16", "the ONNX is fp16, which builds an fp16 engine only"),
+    ("11.4.0.106", "bf16", "fp16", "the ONNX is fp16"),
+    ("8.6.1", "fp16", "fp32", "too old: cxr-export trt needs TensorRT 10"),
+    ("10.13.0.35", "int8", "fp32", "use one of fp32, fp16, bf16"),
+])
+def test_plan_build_refuses(version: str, precision: str, onnx_precision: str, needle: str) -> None:
+    with pytest.raises(CxrError) as e:
+        plan_build(version, precision, onnx_precision)
+    assert needle in str(e.value)
+
+
+def test_profile_shapes() -> None:
+    io = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["B", 1, 32, 32]},
+                     {"name": "t", "dtype": "int64", "shape": ["B"]}]}
+    assert profile_shapes(io, (1, 4, 16)) == {"x": ((1, 1, 32, 32), (4, 1, 32, 32), (16, 1, 32, 32)),
+                                               "t": ((1,), (4,), (16,))}
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_cli_without_tensorrt_says_how_to_install(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["trt", "--onnx", str(tmp_path / "any.onnx"), "--out", str(tmp_path / "e")])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: TensorRT is not installed: pip install 'cxr-ddpm[gpu]'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_batch_before_anything(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["trt", "--onnx", str(tmp_path / "a.onnx"), "--batch", "4:2:8"])
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: --batch '4:2:8'")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """ONNX -> engine on this GPU -> header checks -> parity against PyTorch via TrtEngine."""
+    import tensorrt as trt
+
+    from cxr_ddpm.export.onnx_export import export_onnx
+    from cxr_ddpm.export.trt_build import build_engine, sha256_file
+    from cxr_ddpm.export.verify import verify_artifact
+    from cxr_ddpm.runtime.engine_file import read_engine_header
+
+    onnx_precision = "fp16" if precision == "fp16" and trt_major(trt.__version__) >= 11 else "fp32"
+    onnx_path = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", precision=onnx_precision).path
+    cache = tmp_path / "timing.cache"
+    engine = build_engine(onnx_path, tmp_path / "tiny.engine", precision=precision, batch=(1, 2, 4),
+                          timing_cache=cache, workspace_gb=1)
+    meta, _ = read_engine_header(engine)
+    assert meta["tensorrt"]["version"] == trt.__version__ and meta["tensorrt"]["onnx_sha256"] == sha256_file(onnx_path)
+    assert cache.stat().st_size > 0
+    report = verify_artifact(engine, tiny_ckpt, batches=(1, 3), onnx_sha256=sha256_file(onnx_path))
+    assert report.ok, report.table()
+    with pytest.raises(CxrError, match="built from another ONNX file"):
+        verify_artifact(engine, tiny_ckpt, onnx_sha256="0" * 64)
