@@ -1,12 +1,205 @@
-"""`cxr-runtime`: thin click commands over runtime/ library functions (never imports torch)."""
+"""`cxr-runtime`: thin click commands over runtime/ library functions (never imports torch).
+
+    cxr-runtime sample --engine model.onnx -n 16 --sampler dpmpp-2m --steps 20 --out samples/ --grid grid.png
+    cxr-runtime inspect model.onnx
+    cxr-runtime bench --engine model.onnx --batch-size 4 --steps 10 --ckpt run/checkpoints/step_00001000.safetensors
+"""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
 import click
+
+from .errors import CxrError, cli_errors
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
+_engine = click.option("--engine", "engine", required=True, type=click.Path(path_type=Path),
+                       help="ONNX model, TensorRT engine (cxr-export) or .safetensors checkpoint")
+_provider = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+                         help="execution provider [default: cpu; tensorrt for engine files]")
+_backend = click.option("--backend", type=click.Choice(["onnx", "tensorrt", "torch"]), default=None,
+                        help="override the backend chosen from the file")
+_threads = click.option("--threads", type=int, default=None, help="CPU threads [default: CPU allowance]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Sample chest radiographs from exported ONNX / TensorRT engines."""
+
+
+def _warn_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+               line: str | None = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@main.command()
+@_engine
+@click.option("-n", "n", type=int, default=16, show_default=True, help="number of images")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--sampler", default="dpmpp-2m", show_default=True, help="ddpm | ddim | dpmpp-2m")
+@click.option("--steps", type=int, default=None, help="model calls [default: ddpm T, ddim 50, dpmpp-2m 20]")
+@click.option("--eta", type=float, default=None, help="DDIM noise scale (0 = deterministic) [default: 0]")
+@click.option("--seed", type=int, default=0, show_default=True, help="image i depends only on (seed, i)")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
+@click.option("--grid", type=click.Path(path_type=Path), default=None, help="also write a grid PNG here")
+@click.option("--format", "fmt", type=click.Choice(["png", "png16", "npy", "dcm"]), default="png",
+              show_default=True)
+@click.option("--class", "class_id", type=int, default=None, help="class id for conditional models")
+@click.option("--no-clip", is_flag=True, help="do not clip x0 estimates to [-1, 1]")
+@_provider
+@_threads
+@_backend
+@cli_errors
+def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | None, eta: float | None,
+           seed: int, out: Path, grid: Path | None, fmt: str, class_id: int | None, no_clip: bool,
+           provider: str | None, threads: int | None, backend: str | None) -> None:
+    """Write N sampled images, an optional grid and samples.json (exact settings)."""
+    from tqdm import tqdm
+
+    from .backends import load_denoiser
+    from .fsutil import ensure_writable_dir
+    from .sampling import check_request, sample_to_dir
+
+    warnings.showwarning = _warn_line
+    if sampler not in SAMPLER_NAMES:       # checked before opening the engine: cheap, clear
+        raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLER_NAMES)})")
+    if n <= 0:
+        raise CxrError(f"-n {n}: the number of images must be >= 1")
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    steps = check_request(den, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
+    ensure_writable_dir(out)                       # fail before the progress bar starts
+    if grid is not None:
+        ensure_writable_dir(grid.parent, "grid folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # warned once above
+        with tqdm(total=n, unit="img", desc=f"{sampler} x{steps}", file=sys.stderr,
+                  bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
+            rec = sample_to_dir(den, engine, n, out=out, batch_size=batch_size, sampler=sampler,
+                                steps=steps, eta=eta, seed=seed, fmt=fmt, grid=grid,
+                                clip_x0=not no_clip, classes=class_id,
+                                on_step=lambda b: bar.update(b / steps))
+    click.echo(f"wrote {n} images to {out}/ ({rec['images_per_s']} images/s)"
+               + (f", grid {grid}" if grid else "") + f", settings {out / 'samples.json'}")
+
+
+@main.command()
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the raw metadata document")
+@_backend
+@cli_errors
+def inspect(engine: Path, as_json: bool, backend: str | None) -> None:
+    """Print an engine's metadata: model, schedule, I/O, provenance."""
+    from .backends import detect_backend, load_denoiser
+    if engine.is_file() and (backend or detect_backend(engine)) == "tensorrt":
+        den = load_denoiser(engine, backend="tensorrt", open_engine=False)   # header only: no GPU
+    else:
+        den = load_denoiser(engine, backend=backend)
+    m = den.meta
+    if as_json:
+        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        return
+    cfg = den.config
+    rows = [("file", str(engine)), ("kind", m.get("kind")), ("backend", den.backend),
+            ("format_version", m.get("format_version")),
+            ("image", f"{m['image_size']}x{m['image_size']}, {m['channels']} channel(s)"),
+            ("model", f"dim {cfg.model.dim}, dim_mults {list(cfg.model.dim_mults)}, "
+                      f"self_condition {cfg.model.self_condition}, classes {cfg.model.num_classes}"),
+            ("objective", m["objective"]),
+            ("schedule", f"{cfg.diffusion.beta_schedule}, T={cfg.diffusion.timesteps}, "
+                         f"sha256 {den.schedule.digest()[:16]}"),
+            ("class_names", ", ".join(m.get("class_names") or []) or "-")]
+    for key in ("precision", "exporter", "opset", "batch", "source", "step", "tensorrt"):
+        if key in m:
+            rows.append((key, json.dumps(m[key]) if isinstance(m[key], (dict, list)) else m[key]))
+    for io_kind in ("inputs", "outputs"):
+        for spec in (m.get("io") or {}).get(io_kind, []):
+            rows.append((io_kind[:-1], f"{spec['name']} {spec['dtype']} {spec['shape']}"))
+    prov = m.get("provenance") or {}
+    rows.append(("provenance", ", ".join(f"{k}={v}" for k, v in prov.items() if v is not None)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@main.command()
+@_engine
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True, help="dpmpp-2m steps per timed run")
+@click.option("--repeats", type=int, default=3, show_default=True, help="timed runs")
+@click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+              help="also time the PyTorch reference from this checkpoint, side by side")
+@_provider
+@_threads
+@_backend
+@cli_errors
+def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | None,
+          provider: str | None, threads: int | None, backend: str | None) -> None:
+    """Per-step latency (median, p90), images/s, peak RSS and start-up time, each backend
+    in a fresh process (so the ORT numbers never include torch)."""
+    if batch_size <= 0 or steps <= 0 or repeats <= 0:
+        raise CxrError("--batch-size, --steps and --repeats must be >= 1")
+    if ckpt is not None and not ckpt.exists():
+        raise CxrError(f"--ckpt {ckpt}: checkpoint not found")
+    runs = [bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
+                                batch_size=batch_size, steps=steps, repeats=repeats)]
+    if ckpt is not None:
+        runs.append(bench_in_subprocess(ckpt, backend="torch", provider=provider if provider == "cuda" else None,
+                                        threads=threads, batch_size=batch_size, steps=steps, repeats=repeats))
+    keys = [("step_ms_median", "step ms (median)"), ("step_ms_p90", "step ms (p90)"),
+            ("images_per_s", f"images/s ({steps} steps)"), ("peak_rss_mib", "peak RSS MiB"),
+            ("start_to_first_step_s", "start to first step s")]
+    head = ["", *(f"{r['backend']}/{r['provider']}" for r in runs)] + (["ratio"] if len(runs) == 2 else [])
+    click.echo(f"batch {batch_size}, {steps} dpmpp-2m steps x {repeats} runs")
+    click.echo("  ".join(f"{h:>24}" for h in head))
+    for key, label in keys:
+        vals = [r[key] for r in runs]
+        cells = [label, *(f"{v:.3f}" for v in vals)]
+        if len(vals) == 2:
+            cells.append(f"{vals[0] / vals[1]:.2f}x" if vals[1] else "-")
+        click.echo("  ".join(f"{c:>24}" for c in cells))
+
+
+def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | None, threads: int | None,
+                        batch_size: int, steps: int, repeats: int) -> dict[str, Any]:
+    args = [sys.executable, "-m", "cxr_ddpm.runtime.cli", "bench-worker", str(engine),
+            "--batch-size", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
+    for flag, value in (("--backend", backend), ("--provider", provider), ("--threads", threads)):
+        if value is not None:
+            args += [flag, str(value)]
+    started = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CxrError(f"{engine}: benchmark run failed ({last})")
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["start_to_first_step_s"] = rec["first_step_at"] - started
+    return rec
+
+
+@main.command("bench-worker", hidden=True)
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.option("--batch-size", type=int, default=1)
+@click.option("--steps", type=int, default=10)
+@click.option("--repeats", type=int, default=3)
+@_provider
+@_threads
+@_backend
+@cli_errors
+def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, provider: str | None,
+                 threads: int | None, backend: str | None) -> None:
+    """One backend's numbers as a JSON line (run by `bench` in a fresh process)."""
+    from .backends import load_denoiser
+    from .sampling import bench_run
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats)
+    rec["torch_imported"] = "torch" in sys.modules
+    click.echo(json.dumps(rec))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,95 @@
-"""Backends: small adapters that turn an artifact into a `denoise(x, t)` callable."""
+"""Backends: small adapters that turn an artifact into a `denoise(x, t)` callable.
+
+`load_denoiser(path)` picks the backend from the file itself (a cxr-ddpm TensorRT
+engine by its magic bytes, a checkpoint by its suffix, anything else is tried as
+ONNX) and configures it from the embedded metadata, so users never retype image
+size, schedule or objective. Every denoiser has `.meta`, `.config`, `.schedule`,
+`.backend`, `.provider`, `.self_condition` and
+`__call__(x, t, x_self_cond=None, classes=None) -> raw model output`.
+Backends import lazily: choosing ONNX never loads torch or TensorRT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Config
+from ..errors import CxrError
+from ..schedule import Schedule
+
+BACKENDS = ("onnx", "tensorrt", "torch")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+
+
+class Denoiser(Protocol):
+    meta: dict[str, Any]
+    config: Config
+    schedule: Schedule
+    backend: str
+    provider: str
+    self_condition: bool
+
+    def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any: ...
+
+
+def _is_engine_file(path: Path) -> bool:
+    try:
+        from ..engine_file import is_engine_file
+    except ImportError:  # export side not installed yet: fall back to the contract's magic
+        with open(path, "rb") as f:
+            return f.read(8) == b"CXRTRT\x00\x01"
+    return bool(is_engine_file(path))
+
+
+def detect_backend(path: Path) -> str:
+    if path.is_dir() or path.suffix in CHECKPOINT_SUFFIXES:
+        return "torch"
+    return "tensorrt" if _is_engine_file(path) else "onnx"
+
+
+def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str | None = None,
+                  threads: int | None = None, ckpt: str | Path | None = None,
+                  **options: Any) -> Denoiser:
+    """Open an ONNX model, TensorRT engine or checkpoint as a denoiser.
+
+    provider: cpu | cuda | tensorrt (default: cpu, tensorrt for engine files).
+    ckpt: the checkpoint this artifact must have been exported from (checked against
+    the metadata's source.checkpoint_sha256; catches comparing the wrong pair).
+    options: backend-specific (onnx: opt_level, mem_pattern; torch: channels_last).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CxrError(f"{path}: engine file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CxrError(f"{path}: empty file (not an ONNX model, TensorRT engine or checkpoint)")
+    if backend is not None and backend not in BACKENDS:
+        raise CxrError(f"--backend {backend!r} is unknown (valid: {', '.join(BACKENDS)})")
+    try:
+        backend = backend or detect_backend(path)
+    except OSError as e:
+        raise CxrError(f"{path}: cannot read ({e.strerror})") from None
+    if backend == "tensorrt":
+        from .trt_adapter import TrtDenoiser
+        den: Any = TrtDenoiser(path, provider=provider or "tensorrt", **options)
+    elif backend == "torch":
+        from .torch_ref import TorchDenoiser
+        den = TorchDenoiser(path, provider=provider or "cpu", threads=threads, **options)
+    else:
+        if path.is_dir():
+            raise CxrError(f"{path}: is a folder, not an ONNX model")
+        from .onnx import OrtDenoiser
+        den = OrtDenoiser(path, provider=provider or "cpu", threads=threads, **options)
+    if ckpt is not None:
+        check_source(den.meta, Path(ckpt), str(path))
+    return den
+
+
+def check_source(meta: dict[str, Any], ckpt: Path, source: str) -> None:
+    want = (meta.get("source") or {}).get("checkpoint_sha256")
+    if want is None:
+        return                                     # checkpoints themselves carry no source
+    from ..sampling import file_sha256
+    got = file_sha256(ckpt) or ""
+    if got != want:
+        raise CxrError(f"{source}: was exported from a different checkpoint than {ckpt} "
+                       f"(sha256 {want[:12]}... vs {got[:12] or 'unreadable'}...)")

@@ -1,0 +1,136 @@
+"""ONNX Runtime backend: an exported U-Net as a `denoise(x, t)` callable, torch-free.
+
+Session settings come from bench/runtime_cpu.py: full graph optimisation, intra-op
+threads = the CPU allowance (ORT's default spins one thread per core and ignores
+cgroup/affinity limits), sequential execution, memory pattern on (shapes repeat
+every step). The CUDA provider uses IO binding so CuPy arrays are bound by device
+pointer and never copied through the host.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import CxrError
+from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata
+from ..schedule import Schedule
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def cpu_allowance() -> int:
+    """CPUs this process may run on (affinity / cgroup aware where the OS says so)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+    names = {v: k for k, v in PROVIDERS.items()}
+    return [names[p] for p in ort.get_available_providers() if p in names]
+
+
+def session_options(*, threads: int | None = None, opt_level: str = "all",
+                    mem_pattern: bool = True) -> Any:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[opt_level]
+    so.intra_op_num_threads = int(threads) if threads else cpu_allowance()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.enable_mem_pattern = mem_pattern
+    so.log_severity_level = 3                     # ORT warnings are not the user's problem
+    return so
+
+
+class OrtDenoiser:
+    """Exported U-Net in an ONNX Runtime session; `__call__` returns the raw model output."""
+
+    backend = "onnx"
+
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                 opt_level: str = "all", mem_pattern: bool = True) -> None:
+        import onnxruntime as ort
+        self.path = Path(path)
+        if provider not in PROVIDERS:
+            raise CxrError(f"--provider {provider!r} is unknown (valid: {', '.join(PROVIDERS)})")
+        have = available_providers()
+        if provider not in have:
+            raise CxrError(f"--provider {provider}: not available in this onnxruntime "
+                           f"(available: {', '.join(have)}); for cuda/tensorrt install "
+                           f"onnxruntime-gpu (pip install 'cxr-ddpm[gpu]')")
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        so = session_options(threads=threads, opt_level=opt_level, mem_pattern=mem_pattern)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+            first = " ".join(str(e).split())[:160]
+            raise CxrError(f"{self.path}: not a loadable ONNX model ({first})") from None
+        text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        self.meta: dict[str, Any] = parse_metadata(text, str(self.path))
+        self.config: Config = config_from_metadata(self.meta, str(self.path))
+        self.schedule = Schedule.from_config(self.config.diffusion)
+        self.provider = provider
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        missing = {"x", "t"} - set(self.input_names)
+        if missing or [o.name for o in self.session.get_outputs()] != ["out"]:
+            raise CxrError(f"{self.path}: inputs {self.input_names} / outputs do not follow the "
+                           f"cxr-ddpm denoiser interface (x, t[, x_self_cond][, class] -> out)")
+        self.self_condition = "x_self_cond" in self.input_names
+        self.null_class = self.meta.get("null_class")
+        self._binding = provider != "cpu"
+
+    def feeds(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> dict[str, Any]:
+        xp = np if isinstance(x, np.ndarray) else _cupy()
+        feeds = {"x": xp.ascontiguousarray(x, dtype=xp.float32),
+                 "t": xp.ascontiguousarray(t, dtype=xp.int64)}
+        if self.self_condition:
+            feeds["x_self_cond"] = (xp.zeros_like(feeds["x"]) if x_self_cond is None
+                                    else xp.ascontiguousarray(x_self_cond, dtype=xp.float32))
+        if "class" in self.input_names:
+            if classes is None:  # unconditional samples from a conditional model: the null class
+                classes = xp.full((x.shape[0],), self.null_class, dtype=xp.int64)
+            feeds["class"] = xp.ascontiguousarray(classes, dtype=xp.int64)
+        return feeds
+
+    def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
+        feeds = self.feeds(x, t, x_self_cond, classes)
+        if not self._binding:
+            return self.session.run(["out"], feeds)[0]
+        return self._run_bound(feeds)
+
+    def _run_bound(self, feeds: dict[str, Any]) -> Any:
+        """IO binding on the GPU: CuPy inputs by pointer, output left on the device for CuPy."""
+        binding = self.session.io_binding()
+        on_device = not isinstance(feeds["x"], np.ndarray)
+        for name, arr in feeds.items():
+            if on_device:
+                binding.bind_input(name, "cuda", 0, arr.dtype.type, list(arr.shape), arr.data.ptr)
+            else:
+                binding.bind_cpu_input(name, arr)
+        if on_device:
+            cp = _cupy()
+            out = cp.empty(feeds["x"].shape, dtype=cp.float32)
+            binding.bind_output("out", "cuda", 0, np.float32, list(out.shape), out.data.ptr)
+            self.session.run_with_iobinding(binding)
+            return out
+        binding.bind_output("out", "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def _cupy() -> Any:
+    import cupy
+    return cupy

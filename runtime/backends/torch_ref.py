@@ -1,0 +1,70 @@
+"""PyTorch reference backend: the checkpoint's EMA U-Net in eager PyTorch, for A/B comparisons.
+
+The only runtime file that imports torch, and only inside functions, so importing
+the runtime package (or choosing another backend) never loads it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..schedule import Schedule
+
+
+class TorchDenoiser:
+    """`__call__` takes and returns numpy, like the other backends; `call_torch` skips the copies."""
+
+    backend = "torch"
+
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                 channels_last: bool = False, ema: bool = True) -> None:
+        import torch
+
+        from cxr_ddpm.train.checkpoint import load_checkpoint
+        from ..errors import CxrError
+
+        if provider not in ("cpu", "cuda"):
+            raise CxrError(f"--provider {provider}: the torch backend runs on cpu or cuda")
+        if provider == "cuda" and not torch.cuda.is_available():
+            raise CxrError("--provider cuda: torch sees no CUDA device (available: cpu)")
+        if threads:
+            torch.set_num_threads(int(threads))
+        ckpt = load_checkpoint(path)
+        self.path = Path(path)
+        self.meta: dict[str, Any] = dict(ckpt.meta)
+        self.meta.setdefault("null_class", ckpt.cfg.model.num_classes or None)
+        self.meta.setdefault("self_condition", ckpt.cfg.model.self_condition)
+        self.config = ckpt.cfg
+        self.schedule = Schedule.from_config(ckpt.cfg.diffusion)
+        self.provider = provider
+        self.self_condition = ckpt.cfg.model.self_condition
+        self.null_class = self.meta["null_class"]
+        self.device = torch.device(provider)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet = ckpt.build_unet(ema=ema).to(self.device, memory_format=self.memory_format)
+        self._torch = torch
+
+    def call_torch(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
+        torch = self._torch
+        with torch.inference_mode():
+            n = self.config.model.num_classes
+            if n > 0:       # same convention as the ONNX graph: class id n = the null class
+                if classes is None:
+                    classes = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
+                return self.unet(x, t, classes=classes.clamp(max=n - 1), cond_drop_prob=0.0,
+                                 cond_keep_mask=classes < n)
+            return self.unet(x, t, x_self_cond) if self.self_condition else self.unet(x, t)
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, x_self_cond: np.ndarray | None = None,
+                 classes: np.ndarray | None = None) -> np.ndarray:
+        torch = self._torch
+
+        def to(a: Any, dtype: Any) -> Any:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype)
+
+        xt = to(x, torch.float32).contiguous(memory_format=self.memory_format)
+        sc = to(x_self_cond, torch.float32)
+        out = self.call_torch(xt, to(t, torch.long), sc, to(classes, torch.long))
+        return out.float().cpu().numpy()

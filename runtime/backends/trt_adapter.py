@@ -1,0 +1,63 @@
+"""TensorRT backend: wraps `runtime.backends.tensorrt.TrtEngine` (export side) as a denoiser.
+
+TrtEngine owns the engine lifecycle and device buffers (cuda-python or CuPy, never
+torch); this adapter only maps the denoiser call onto its named I/O and rebuilds
+config and schedule from the header metadata. Imported lazily: TensorRT is optional.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CxrError
+from ..metadata import config_from_metadata, parse_metadata
+from ..metadata import dumps as meta_dumps
+from ..schedule import Schedule
+
+
+class TrtDenoiser:
+    backend = "tensorrt"
+
+    def __init__(self, path: str | Path, *, provider: str = "tensorrt", cuda_graph: bool = False,
+                 open_engine: bool = True) -> None:
+        """Reads and checks the header first (no TensorRT needed: `inspect` works anywhere);
+        open_engine=False stops there, without deserializing the plan."""
+        from ..engine_file import read_engine_header
+        self.path = Path(path)
+        meta, _ = read_engine_header(self.path)
+        self.meta: dict[str, Any] = parse_metadata(meta_dumps(meta), str(self.path))
+        self.engine: Any = None
+        if open_engine:
+            if provider not in ("tensorrt", "cuda"):
+                raise CxrError(f"--provider {provider}: a TensorRT engine runs only on the GPU "
+                               f"(use --provider tensorrt, or an .onnx file for cpu)")
+            from .tensorrt import TrtEngine
+            self.engine = TrtEngine(self.path)
+        self.config = config_from_metadata(self.meta, str(self.path))
+        self.schedule = Schedule.from_config(self.config.diffusion)
+        self.provider = "tensorrt"
+        self.self_condition = bool(self.meta.get("self_condition", self.config.model.self_condition))
+        self.null_class = self.meta.get("null_class")
+        self.input_names = [i["name"] for i in self.meta.get("io", {}).get("inputs", [])] or ["x", "t"]
+        self.cuda_graph = cuda_graph
+        self._batch: int | None = None
+
+    def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
+        xp = np if isinstance(x, np.ndarray) else __import__("cupy")
+        feeds = {"x": xp.ascontiguousarray(x, dtype=xp.float32), "t": xp.ascontiguousarray(t, dtype=xp.int64)}
+        if "x_self_cond" in self.input_names:
+            feeds["x_self_cond"] = xp.zeros_like(feeds["x"]) if x_self_cond is None else x_self_cond
+        if "class" in self.input_names:
+            feeds["class"] = (xp.full((x.shape[0],), self.null_class, dtype=xp.int64)
+                              if classes is None else xp.asarray(classes, dtype=xp.int64))
+        if self._batch != x.shape[0]:
+            self.engine.allocate(int(x.shape[0]))
+            if self.cuda_graph and hasattr(self.engine, "capture_graph"):
+                self.engine.capture_graph(int(x.shape[0]))
+            self._batch = int(x.shape[0])
+        return self.engine.infer(feeds)["out"]
+
+    def close(self) -> None:
+        self.engine.close()
