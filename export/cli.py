@@ -95,10 +95,10 @@ def trt_cmd(onnx_path: str, out: str | None, precision: str, batch: str | None, 
 def verify_cmd(artifact: str, ckpt: str, config_path: str | None, provider: str, batch: str,
                atol: float | None, onnx_path: str | None) -> None:
     """Re-run the parity check of an ONNX file or TensorRT engine against its checkpoint."""
-    from .trt_build import sha256_file
+    from cxr_ddpm.runtime.fsutil import file_sha256
     from .verify import verify_artifact
     sizes = _batch_sizes(batch)
-    onnx_sha = sha256_file(onnx_path) if onnx_path else None
+    onnx_sha = file_sha256(onnx_path) if onnx_path else None
     report = verify_artifact(artifact, ckpt, config=_config(config_path), provider=provider,
                              batches=sizes, tol=atol, onnx_sha256=onnx_sha)
     click.echo(report.table())

@@ -30,7 +30,6 @@ from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
 
-from .trt_build import parse_batch  # noqa: F401  (re-exported: the CLI and callers parse --batch here)
 from .verify import VerifyReport, check_parity, default_tolerance
 
 MIN_OPSET = 17          # LayerNormalization is opset 17; TensorRT 10 parses 17+

@@ -12,7 +12,6 @@ is the only code that touches TensorRT itself.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from cxr_ddpm.runtime.backends.tensorrt import gpu_info, import_tensorrt
 from cxr_ddpm.runtime.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
+from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir, file_sha256
 from cxr_ddpm.runtime.metadata import read_onnx_metadata
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -102,17 +101,6 @@ def default_engine_path(onnx_path: Path, precision: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{precision}.engine")
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        raise CxrError(f"{path}: cannot read: {e.strerror}") from None
-    return h.hexdigest()
-
-
 def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precision: str = "fp16",
                  batch: tuple[int, int, int] | None = None, timing_cache: str | Path | None = None,
                  workspace_gb: float = 4.0, device: int = 0) -> Path:
@@ -159,7 +147,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     if serialized is None:
         raise CxrError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
     doc = engine_metadata(meta, trt_version=trt.__version__, gpu=gpu, compute_capability=cc,
-                          onnx_sha256=sha256_file(onnx_path), precision=precision, batch=batch)
+                          onnx_sha256=file_sha256(onnx_path), precision=precision, batch=batch)
     write_engine(out, doc, bytes(serialized))
     if timing_cache:
         with atomic_write(timing_cache, "wb") as f:

@@ -50,20 +50,26 @@ def _warn_line(message: Any, category: Any, filename: str, lineno: int, file: An
 @click.option("--grid", type=click.Path(path_type=Path), default=None, help="also write a grid PNG here")
 @click.option("--format", "fmt", type=click.Choice(["png", "png16", "npy", "dcm"]), default="png",
               show_default=True)
-@click.option("--class", "class_id", type=int, default=None, help="class id for conditional models")
+@click.option("--class", "class_names", multiple=True, metavar="NAME",
+              help="class to generate (repeatable; conditional models; images cycle through them)")
+@click.option("--per-class", type=int, default=None, help="N images of each --class (or of every class)")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="classifier-free guidance weight W: 1 conditional, 0 unconditional, >1 stronger")
 @click.option("--no-clip", is_flag=True, help="do not clip x0 estimates to [-1, 1]")
 @_provider
 @_threads
 @_backend
 @cli_errors
 def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | None, eta: float | None,
-           seed: int, out: Path, grid: Path | None, fmt: str, class_id: int | None, no_clip: bool,
+           seed: int, out: Path, grid: Path | None, fmt: str, class_names: tuple[str, ...],
+           per_class: int | None, guidance: float, no_clip: bool,
            provider: str | None, threads: int | None, backend: str | None) -> None:
     """Write N sampled images, an optional grid and samples.json (exact settings)."""
     from tqdm import tqdm
 
     from .backends import load_denoiser
     from .fsutil import ensure_writable_dir
+    from .guidance import resolve_labels
     from .sampling import check_request, sample_to_dir
 
     warnings.showwarning = _warn_line
@@ -72,6 +78,7 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     if n <= 0:
         raise CxrError(f"-n {n}: the number of images must be >= 1")
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
     steps = check_request(den, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
     ensure_writable_dir(out)                       # fail before the progress bar starts
     if grid is not None:
@@ -82,7 +89,7 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
             rec = sample_to_dir(den, engine, n, out=out, batch_size=batch_size, sampler=sampler,
                                 steps=steps, eta=eta, seed=seed, fmt=fmt, grid=grid,
-                                clip_x0=not no_clip, classes=class_id,
+                                clip_x0=not no_clip, labels=labels, guidance=guidance,
                                 on_step=lambda b: bar.update(b / steps))
     click.echo(f"wrote {n} images to {out}/ ({rec['images_per_s']} images/s)"
                + (f", grid {grid}" if grid else "") + f", settings {out / 'samples.json'}")
@@ -134,12 +141,14 @@ def inspect(engine: Path, as_json: bool, backend: str | None) -> None:
 @click.option("--repeats", type=int, default=3, show_default=True, help="timed runs")
 @click.option("--ckpt", type=click.Path(path_type=Path), default=None,
               help="also time the PyTorch reference from this checkpoint, side by side")
+@click.option("--guidance", type=float, default=None,
+              help="conditional models: also time guided sampling with weight W, side by side")
 @_provider
 @_threads
 @_backend
 @cli_errors
 def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | None,
-          provider: str | None, threads: int | None, backend: str | None) -> None:
+          guidance: float | None, provider: str | None, threads: int | None, backend: str | None) -> None:
     """Per-step latency (median, p90), images/s, peak RSS and start-up time, each backend
     in a fresh process (so the ORT numbers never include torch)."""
     if batch_size <= 0 or steps <= 0 or repeats <= 0:
@@ -151,25 +160,32 @@ def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | 
     if ckpt is not None:
         runs.append(bench_in_subprocess(ckpt, backend="torch", provider=provider if provider == "cuda" else None,
                                         threads=threads, batch_size=batch_size, steps=steps, repeats=repeats))
+    if guidance is not None:
+        runs.append(bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
+                                        batch_size=batch_size, steps=steps, repeats=repeats,
+                                        guidance=guidance))
     keys = [("step_ms_median", "step ms (median)"), ("step_ms_p90", "step ms (p90)"),
             ("images_per_s", f"images/s ({steps} steps)"), ("peak_rss_mib", "peak RSS MiB"),
             ("start_to_first_step_s", "start to first step s")]
-    head = ["", *(f"{r['backend']}/{r['provider']}" for r in runs)] + (["ratio"] if len(runs) == 2 else [])
+    names = [f"{r['backend']}/{r['provider']}" + (f" W={r['guidance']:g}" if r.get("guidance") else "")
+             for r in runs]
+    head = ["", *names, *(f"{n} / first" for n in names[1:])]
     click.echo(f"batch {batch_size}, {steps} dpmpp-2m steps x {repeats} runs")
     click.echo("  ".join(f"{h:>24}" for h in head))
     for key, label in keys:
         vals = [r[key] for r in runs]
-        cells = [label, *(f"{v:.3f}" for v in vals)]
-        if len(vals) == 2:
-            cells.append(f"{vals[0] / vals[1]:.2f}x" if vals[1] else "-")
+        cells = [label, *(f"{v:.3f}" for v in vals),
+                 *((f"{v / vals[0]:.2f}x" if vals[0] else "-") for v in vals[1:])]
         click.echo("  ".join(f"{c:>24}" for c in cells))
 
 
 def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | None, threads: int | None,
-                        batch_size: int, steps: int, repeats: int) -> dict[str, Any]:
+                        batch_size: int, steps: int, repeats: int,
+                        guidance: float | None = None) -> dict[str, Any]:
     args = [sys.executable, "-m", "cxr_ddpm.runtime.cli", "bench-worker", str(engine),
             "--batch-size", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
-    for flag, value in (("--backend", backend), ("--provider", provider), ("--threads", threads)):
+    for flag, value in (("--backend", backend), ("--provider", provider), ("--threads", threads),
+                        ("--guidance", guidance)):
         if value is not None:
             args += [flag, str(value)]
     started = time.time()
@@ -187,17 +203,20 @@ def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | No
 @click.option("--batch-size", type=int, default=1)
 @click.option("--steps", type=int, default=10)
 @click.option("--repeats", type=int, default=3)
+@click.option("--guidance", type=float, default=None)
 @_provider
 @_threads
 @_backend
 @cli_errors
-def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, provider: str | None,
-                 threads: int | None, backend: str | None) -> None:
+def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, guidance: float | None,
+                 provider: str | None, threads: int | None, backend: str | None) -> None:
     """One backend's numbers as a JSON line (run by `bench` in a fresh process)."""
     from .backends import load_denoiser
     from .sampling import bench_run
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
-    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats)
+    if guidance is not None and den.config.model.num_classes == 0:
+        raise CxrError(f"--guidance: {engine} is an unconditional model")
+    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance)
     rec["torch_imported"] = "torch" in sys.modules
     click.echo(json.dumps(rec))
 

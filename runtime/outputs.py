@@ -105,17 +105,20 @@ def dicom_bytes(gray: np.ndarray, meta: dict[str, Any], *, index: int, seed: int
     return buf.getvalue()
 
 
-def grid_png(path: Path, images: list[np.ndarray], *, pad: int = 2) -> Path:
-    """Square-ish grid of 8-bit images ((C, H, W) in [-1, 1]) with a black border."""
-    grays = [quantize(x, 8) for x in images]
-    h, w = grays[0].shape
-    cols = math.ceil(math.sqrt(len(grays)))
-    rows = math.ceil(len(grays) / cols)
+def grid_png(path: Path, images: list[np.ndarray | None], *, cols: int | None = None,
+             pad: int = 2) -> Path:
+    """Grid of 8-bit images ((C, H, W) in [-1, 1]) with black gutters, row-major; None
+    leaves a cell black. `cols` defaults to a square-ish layout."""
+    h, w = next(x for x in images if x is not None).shape[-2:]
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
     canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
-    for k, g in enumerate(grays):
+    for k, x in enumerate(images):
+        if x is None:
+            continue
         r, c = divmod(k, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[y:y + h, x:x + w] = g
+        y, x0 = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y:y + h, x0:x0 + w] = quantize(x, 8)
     with atomic_write(path) as f:
         f.write(_png_bytes(canvas))
     return path

@@ -15,15 +15,16 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__
 from .errors import CxrError
-from .fsutil import atomic_write, ensure_writable_dir
+from .fsutil import atomic_write, ensure_writable_dir, file_sha256
 from .metadata import dumps as meta_dumps
 from .outputs import FORMATS, SUFFIX, grid_png, write_image
+from .guidance import guided
 from .samplers import USES_ETA, get_sampler, resolve_steps
 
 StepFn = Callable[[int], None]                # called after each step with the batch size
@@ -52,12 +53,18 @@ def image_rngs(seed: int, indices: range) -> list[np.random.Generator]:
 
 def iter_batches(denoiser: Any, n: int, *, batch_size: int, sampler: str = "dpmpp-2m",
                  steps: int | None = None, eta: float | None = None, seed: int = 0,
-                 clip_x0: bool = True, classes: int | None = None, on_step: StepFn | None = None,
-                 xp: Any = np) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first index, samples (b, C, H, W) float32 in [-1, 1]) batch by batch."""
+                 clip_x0: bool = True, labels: Sequence[int] | None = None, guidance: float = 1.0,
+                 on_step: StepFn | None = None, xp: Any = np) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first index, samples (b, C, H, W) float32 in [-1, 1]) batch by batch.
+
+    labels: class id of each image (length n) for class-conditional models, guided with
+    weight `guidance` (see runtime.guidance); None samples them unconditionally.
+    """
     steps = check_request(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
     sample = get_sampler(sampler)
     cfg = denoiser.config.model
+    if labels is not None and (cfg.num_classes == 0 or len(labels) != n):
+        raise CxrError("class labels need a class-conditional model and one label per image")
     shape = (cfg.channels, cfg.image_size, cfg.image_size)           # (C, H, W)
     for start in range(0, n, batch_size):
         rngs = image_rngs(seed, range(start, min(start + batch_size, n)))
@@ -66,10 +73,12 @@ def iter_batches(denoiser: Any, n: int, *, batch_size: int, sampler: str = "dpmp
         def draw() -> Any:
             return xp.asarray(np.stack([g.standard_normal(shape, dtype=np.float32) for g in rngs]))
 
-        cls = None if classes is None else xp.full((b,), int(classes), dtype=xp.int64)
-
-        def denoise(x: Any, t: Any, x_self_cond: Any = None) -> Any:
-            return denoiser(x, t, x_self_cond=x_self_cond, classes=cls)
+        if cfg.num_classes:
+            cls = None if labels is None else xp.asarray(np.asarray(labels[start:start + b], np.int64))
+            denoise = guided(denoiser, cls, guidance, null_class=cfg.num_classes)
+        else:
+            def denoise(x: Any, t: Any, x_self_cond: Any = None) -> Any:
+                return denoiser(x, t, x_self_cond=x_self_cond)
 
         x_T = draw()                                                  # (b, C, H, W)
         out = sample(denoise, x_T, denoiser.schedule, steps=steps, eta=eta,
@@ -84,51 +93,57 @@ def generate(denoiser: Any, n: int, **kwargs: Any) -> np.ndarray:
     return np.concatenate([batch for _, batch in iter_batches(denoiser, n, **kwargs)])
 
 
-def file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size: int,
                   sampler: str, steps: int | None, eta: float | None, seed: int,
                   fmt: str = "png", grid: Path | None = None, clip_x0: bool = True,
-                  classes: int | None = None, on_step: StepFn | None = None) -> dict[str, Any]:
-    """Write n images (and a grid) under `out` plus samples.json; returns that record."""
+                  labels: Sequence[int] | None = None, guidance: float = 1.0,
+                  on_step: StepFn | None = None) -> dict[str, Any]:
+    """Write n images (and a grid) under `out` plus samples.json; returns that record.
+
+    With class labels, image i goes to out/<class name>/ and the grid has a row per class.
+    """
     if fmt not in FORMATS:
         raise CxrError(f"--format {fmt!r} is unknown (valid: {', '.join(FORMATS)})")
     steps = check_request(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
     out = ensure_writable_dir(out)
+    names = list(denoiser.meta.get("class_names") or [])
+    folders = {k: ensure_writable_dir(out / names[k]) for k in sorted(set(labels))} if labels else {}
     if grid is not None:
         ensure_writable_dir(Path(grid).parent or Path("."), "grid folder")
     width = max(5, len(str(n - 1)))
-    files, kept, t0 = [], [], time.perf_counter()
+    files, t0 = [], time.perf_counter()
+    rows: dict[int, list[np.ndarray]] = {}                            # grid row (class) -> images
     with warnings.catch_warnings():                                   # check_request warned once
         warnings.simplefilter("ignore")
         batches = iter_batches(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps,
-                               eta=eta, seed=seed, clip_x0=clip_x0, classes=classes, on_step=on_step)
+                               eta=eta, seed=seed, clip_x0=clip_x0, labels=labels,
+                               guidance=guidance, on_step=on_step)
         first = next(batches)
     for start, batch in itertools.chain([first], batches):
         for j, x in enumerate(batch):
             i = start + j
-            path = out / f"sample_{i:0{width}d}{SUFFIX[fmt]}"
+            row = labels[i] if labels else -1
+            path = folders.get(row, out) / f"sample_{i:0{width}d}{SUFFIX[fmt]}"
             write_image(path, x, fmt, meta=denoiser.meta, index=i, seed=seed)
-            files.append(path.name)
-            if grid is not None and len(kept) < 64:                   # a grid of at most 8 x 8
-                kept.append(x)
+            files.append(str(path.relative_to(out)))
+            if grid is not None and len(rows.setdefault(row, [])) < (8 if labels else 64):
+                rows[row].append(x)
     seconds = time.perf_counter() - t0
-    if grid is not None:
-        grid_png(Path(grid), kept)
+    if grid is not None and labels:                                   # a row of <= 8 per class
+        picked = [rows[r] for r in sorted(rows)][:16]
+        cols = max(map(len, picked))
+        grid_png(Path(grid), [r[j] if j < len(r) else None for r in picked for j in range(cols)],
+                 cols=cols)
+    elif grid is not None:                                            # square, at most 8 x 8
+        grid_png(Path(grid), rows[-1])
     record = {
-        "engine": str(engine), "engine_sha256": file_sha256(Path(engine)),
+        "engine": str(engine), "engine_sha256": file_sha256(engine) if Path(engine).is_file() else None,
         "metadata_sha256": hashlib.sha256(meta_dumps(denoiser.meta).encode()).hexdigest(),
         "backend": denoiser.backend, "provider": denoiser.provider,
         "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "n": n,
-        "batch_size": batch_size, "format": fmt, "clip_x0": clip_x0, "classes": classes,
+        "batch_size": batch_size, "format": fmt, "clip_x0": clip_x0,
+        "guidance": guidance if labels else None,
+        "classes": sorted({names[k] for k in labels}) if labels else None,
         "image_size": denoiser.config.model.image_size, "objective": denoiser.config.diffusion.objective,
         "schedule_sha256": denoiser.schedule.digest(), "grid": str(grid) if grid else None,
         "noise": "image i: numpy default_rng([seed, i]), standard_normal float32",
@@ -145,21 +160,24 @@ def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size:
 # benchmark: per-step latency of a full sampling run, in a fresh process per backend
 
 def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpmpp-2m",
-              repeats: int = 1) -> dict[str, Any]:
-    """Time `repeats` runs of `steps` steps after one warm-up step; latencies per step."""
+              repeats: int = 1, guidance: float | None = None) -> dict[str, Any]:
+    """Time `repeats` runs of `steps` steps after one warm-up step; latencies per step.
+    guidance: time classifier-free guided sampling (class 0, weight W) instead."""
+    guide = {} if guidance is None else {"labels": [0] * batch_size, "guidance": guidance}
     first = time.time()
-    next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler="ddim", steps=1))
+    next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler="ddim", steps=1, **guide))
     first_step_at = time.time()
     lat: list[float] = []
     totals = []
     for r in range(repeats):
         stamps = [time.perf_counter()]
         next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler=sampler, steps=steps,
-                          seed=r, on_step=lambda b: stamps.append(time.perf_counter())))
+                          seed=r, on_step=lambda b: stamps.append(time.perf_counter()), **guide))
         lat += list(np.diff(stamps))
         totals.append(stamps[-1] - stamps[0])
     lat_ms = np.array(lat) * 1e3
     return {"backend": denoiser.backend, "provider": denoiser.provider, "batch_size": batch_size,
+            "guidance": guidance,
             "steps": steps, "sampler": sampler, "step_ms_median": float(np.median(lat_ms)),
             "step_ms_p90": float(np.percentile(lat_ms, 90)),
             "images_per_s": float(batch_size / np.median(totals)),

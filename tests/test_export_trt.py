@@ -85,7 +85,8 @@ def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) 
     import tensorrt as trt
 
     from cxr_ddpm.export.onnx_export import export_onnx
-    from cxr_ddpm.export.trt_build import build_engine, sha256_file
+    from cxr_ddpm.export.trt_build import build_engine
+    from cxr_ddpm.runtime.fsutil import file_sha256
     from cxr_ddpm.export.verify import verify_artifact
     from cxr_ddpm.runtime.engine_file import read_engine_header
 
@@ -95,9 +96,9 @@ def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) 
     engine = build_engine(onnx_path, tmp_path / "tiny.engine", precision=precision, batch=(1, 2, 4),
                           timing_cache=cache, workspace_gb=1)
     meta, _ = read_engine_header(engine)
-    assert meta["tensorrt"]["version"] == trt.__version__ and meta["tensorrt"]["onnx_sha256"] == sha256_file(onnx_path)
+    assert meta["tensorrt"]["version"] == trt.__version__ and meta["tensorrt"]["onnx_sha256"] == file_sha256(onnx_path)
     assert cache.stat().st_size > 0
-    report = verify_artifact(engine, tiny_ckpt, batches=(1, 3), onnx_sha256=sha256_file(onnx_path))
+    report = verify_artifact(engine, tiny_ckpt, batches=(1, 3), onnx_sha256=file_sha256(onnx_path))
     assert report.ok, report.table()
     with pytest.raises(CxrError, match="built from another ONNX file"):
         verify_artifact(engine, tiny_ckpt, onnx_sha256="0" * 64)

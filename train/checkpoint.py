@@ -21,7 +21,7 @@ import torch
 
 from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_path
+from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, config_from_metadata, dumps, parse_metadata
 
 from .model import build_unet
@@ -142,7 +142,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     online = {k[7:]: v for k, v in tensors.items() if k.startswith("online.")}
     return Checkpoint(cfg, ema or None, online or None, int(meta.get("step", 0)),
-                      list(meta["class_names"]), meta, path, _sha256(path))
+                      list(meta["class_names"]), meta, path, file_sha256(path))
 
 
 def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
@@ -165,7 +165,7 @@ def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
     meta = build_metadata(config, kind="checkpoint", class_names=[], step=int(data.get("step", 0)),
                           provenance_extra={"imported_from": "lucidrains",
                                             "lucidrains_version": data.get("version")})
-    return Checkpoint(config, ema or None, online, int(data.get("step", 0)), [], meta, path, _sha256(path))
+    return Checkpoint(config, ema or None, online, int(data.get("step", 0)), [], meta, path, file_sha256(path))
 
 
 def _check_same_model(have: Config, want: Config, path: Path) -> None:
@@ -175,12 +175,3 @@ def _check_same_model(have: Config, want: Config, path: Path) -> None:
             if a[section].get(key) != value:
                 raise CxrError(f"{path}: checkpoint's {section}.{key}={a[section].get(key)!r} does not "
                                f"match the requested {section}.{key}={value!r}")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -38,7 +38,7 @@ import torch
 
 from cxr_ddpm.runtime.config import Config, load_config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_path, atomic_write, ensure_writable_dir
+from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 
 from . import resume as ckpt
 from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
@@ -289,8 +289,7 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
     samples with) over a `denoise` callable that runs a fresh fp32 copy of the EMA U-Net.
     Noise comes from its own numpy generator: the training RNG streams are not touched.
     """
-    from PIL import Image
-
+    from cxr_ddpm.runtime.outputs import grid_png
     from cxr_ddpm.runtime.samplers import sample_ddim
     from cxr_ddpm.runtime.schedule import Schedule
 
@@ -316,16 +315,7 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
     x0 = sample_ddim(denoise, x_T, Schedule.from_config(cfg.diffusion),
                      steps=min(t.sample_steps, cfg.diffusion.timesteps),
                      self_condition=m.self_condition and not m.num_classes)
-    arr = ((np.clip(x0[:, 0], -1, 1) + 1) * 127.5 + 0.5).astype(np.uint8)   # [-1, 1] -> uint8
-    n, h, w = arr.shape
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2), np.uint8)   # 2 px black gutters
-    for k, img in enumerate(arr):
-        r, c = divmod(k, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = img
-    with atomic_path(path) as tmp:
-        Image.fromarray(grid, mode="L").save(tmp, format="PNG")
-    return path
+    return grid_png(path, list(x0), cols=cols)
 
 
 def _check_same_run(run: Path, cfg: Config, resume_from: Path | None) -> None:

@@ -88,8 +88,8 @@ def check_source(meta: dict[str, Any], ckpt: Path, source: str) -> None:
     want = (meta.get("source") or {}).get("checkpoint_sha256")
     if want is None:
         return                                     # checkpoints themselves carry no source
-    from ..sampling import file_sha256
-    got = file_sha256(ckpt) or ""
+    from ..fsutil import file_sha256
+    got = file_sha256(ckpt)
     if got != want:
         raise CxrError(f"{source}: was exported from a different checkpoint than {ckpt} "
                        f"(sha256 {want[:12]}... vs {got[:12] or 'unreadable'}...)")
