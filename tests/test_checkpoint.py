@@ -37,6 +37,7 @@ def test_round_trip_identical_tensors_and_config(tmp_path: Path, tiny_cfg) -> No
     unet = ck.build_unet()
     assert torch.equal(unet.state_dict()["init_conv.weight"], ema["init_conv.weight"])
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]  # no temp files left
+    assert path.stat().st_mode & 0o044  # readable by the group/others (mkstemp alone gives 0600)
 
 
 def test_run_folder_resolves_to_newest(tmp_path: Path, tiny_cfg) -> None:

@@ -237,11 +237,12 @@ def test_read_onnx_metadata_refusals(tmp_path: Path) -> None:
         read_onnx_metadata(tmp_path / "plain.onnx")
 
 
-@pytest.mark.parametrize("override", ["model.num_classes=2", "model.self_condition=true"])
+@pytest.mark.parametrize("override", ["model.num_classes=2,diffusion.beta_schedule=cosine",
+                                      "model.self_condition=true"])
 def test_conditional_and_self_conditioned_inputs(override: str, tmp_path: Path, fast_exporter) -> None:
     """`class` (num_classes = the null label) and `x_self_cond` inputs, as the runtime contract says."""
     from cxr_ddpm.runtime.config import load_config
-    cfg = load_config(ROOT / "configs/tiny.yaml", [override])
+    cfg = load_config(ROOT / "configs/tiny.yaml", override.split(","))
     torch.manual_seed(0)
     unet = build_unet(cfg.model).eval()
     ck = save_checkpoint(tmp_path / "c.safetensors", cfg=cfg, step=3, class_names=["a", "b"],
