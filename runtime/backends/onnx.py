@@ -1,7 +1,7 @@
 """ONNX Runtime backend: an exported U-Net as a `denoise(x, t)` callable, torch-free.
 
-Session settings come from bench/runtime_cpu.py: full graph optimisation, intra-op
-threads = the CPU allowance (ORT's default spins one thread per core and ignores
+Session settings were chosen by measurement (`python -m bench denoiser`, its ORT
+settings table): full graph optimisation, intra-op threads = the CPU allowance (ORT's default spins one thread per core and ignores
 cgroup/affinity limits), sequential execution, memory pattern on (shapes repeat
 every step). The CUDA provider uses IO binding so CuPy arrays are bound by device
 pointer and never copied through the host.

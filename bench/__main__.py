@@ -1,0 +1,65 @@
+"""`python -m bench all --out bench/results`, or one section: denoiser | sampling | accuracy | train | guidance | gpu.
+
+`--quick` shrinks every section to tiny sizes and 2 runs (what tests/test_bench.py uses);
+`report` only rebuilds README-performance.md from existing JSONs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import ensure_writable_dir
+
+SECTIONS = ("denoiser", "sampling", "accuracy", "train", "guidance", "gpu")
+
+
+def run_section(name: str, out: Path, quick: bool) -> Path:
+    from . import accuracy, denoiser, gpu, guidance, sampling, train
+    if name == "denoiser":
+        return (denoiser.run(out, models=("tiny",), sizes=(32,), batches=(1, 2), runs=2, compile_at=None,
+                             extras=False) if quick else denoiser.run(out))
+    if name == "sampling":
+        return (sampling.run(out, models=(("tiny", 32, False),), batch=2, measure_steps=2) if quick
+                else sampling.run(out))
+    if name == "accuracy":
+        return (accuracy.run(out, n=2, grid=(("ddim", 5), ("dpmpp-2m", 5)), train_steps=20) if quick
+                else accuracy.run(out))
+    if name == "train":
+        return (train.run(out, ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=4) if quick
+                else train.run(out))
+    if name == "guidance":
+        return (guidance.run(out, models=(("tiny", 32),), batches=(2,), runs=2) if quick
+                else guidance.run(out))
+    return gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2) if quick else gpu.run(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("section", choices=("all", *SECTIONS, "report"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 runs: a smoke test, not numbers")
+    args = ap.parse_args(argv)
+    try:
+        out = ensure_writable_dir(args.out, "--out folder")
+    except CxrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .report import write_readme_snippet
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
+    names = SECTIONS if args.section == "all" else () if args.section == "report" else (args.section,)
+    t_all = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        path = run_section(name, out, args.quick)
+        print(f"== {name}: wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"wrote {write_readme_snippet(out)} (total {time.perf_counter() - t_all:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Section 5: the denoiser on a CUDA GPU: eager fp32/bf16, CUDA graphs, ORT CUDA / TensorRT EP, MFU.
+
+Without CUDA it writes gpu.json/gpu.md saying the section is pending and why, plus the
+FLOPs per image (counted on CPU) that the MFU will be computed from.
+MFU = FLOPs per image x images/s / measured bf16 matmul peak (8192^3 GEMMs).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+from .common import fresh_artifacts, md_table, stats, write_section
+from .denoiser import flops_per_image, load_unet
+
+
+def cuda_time(fn: Callable[[], Any], runs: int) -> dict[str, float]:
+    import torch
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return stats(ms)
+
+
+def bf16_peak_tflops(n: int = 8192, runs: int = 10) -> float:
+    import torch
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n ** 3 / (cuda_time(lambda: a @ b, runs)["median_ms"] / 1e3) / 1e12
+
+
+def graphed(unet: Any, x: Any, t: Any) -> Callable[[], Any]:
+    """CUDA-graph capture of one inference_mode forward on static buffers."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.inference_mode():
+        for _ in range(3):
+            unet(x, t)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(g):
+        unet(x, t)
+    return g.replay
+
+
+def variants(arts: dict[str, Path], size: int, batch: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    unet = load_unet(arts["ckpt"]).cuda()
+    x = torch.randn(batch, 1, size, size, device="cuda")
+    t = torch.full((batch,), 10, device="cuda", dtype=torch.long)
+
+    def eager(dtype: Any | None) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                return unet(x, t)
+        return call
+    out: dict[str, Callable[[], Any]] = {"eager_fp32": eager(None), "eager_bf16": eager(torch.bfloat16)}
+    try:
+        out["cuda_graph_fp32"] = graphed(unet, x, t)
+    except Exception as e:  # capture can fail on some ops; record as a missing variant
+        print(f"  cuda graph capture failed: {e}")
+    import onnxruntime as ort
+    xn, tn = x.cpu().numpy(), t.cpu().numpy()
+    for name, prov in (("ort_cuda", "CUDAExecutionProvider"), ("ort_tensorrt", "TensorrtExecutionProvider")):
+        if prov in ort.get_available_providers():
+            try:
+                sess = ort.InferenceSession(str(arts["fp32"]), providers=[prov, "CPUExecutionProvider"])
+                out[name] = lambda s=sess: s.run(["out"], {"x": xn, "t": tn})
+            except Exception as e:  # e.g. TensorRT libs missing at session creation
+                print(f"  {name} unavailable: {e}")
+    return out
+
+
+def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr128", 128)),
+        batches: tuple[int, ...] = (1, 16), runs: int = 20) -> Path:
+    import torch
+    flops = []
+    for model, size in models:
+        arts = fresh_artifacts(model, [f"model.image_size={size}"], ("fp32",))
+        flops.append({"model": model, "px": size, "gflops_per_image": round(flops_per_image(arts["ckpt"], size) / 1e9, 3)})
+    if not torch.cuda.is_available():
+        why = ("pending: no CUDA device visible to this process (this benchmark run was on a CPU-only machine; "
+               "the session was not lent a GPU). Re-run `python -m bench gpu --out bench/results` on a GPU machine.")
+        doc = {"status": "pending", "why": why, "flops": flops, "rows": []}
+        md = (f"## GPU\n\n{why}\n\nFLOPs per image per denoiser call (counted on CPU):\n\n"
+              + md_table(flops, [("model", "model"), ("px", "px"), ("gflops_per_image", "GFLOP")]))
+        return write_section(out, "gpu", doc, md)
+    peak = bf16_peak_tflops()
+    rows = []
+    for f in flops:
+        arts = fresh_artifacts(f["model"], [f"model.image_size={f['px']}"], ("fp32",))
+        for b in batches:
+            for name, fn in variants(arts, f["px"], b).items():
+                r = cuda_time(fn, runs)
+                ips = b / (r["median_ms"] / 1e3)
+                rows.append({"model": f["model"], "px": f["px"], "batch": b, "variant": name, **r,
+                             "images_per_s": round(ips, 1),
+                             "mfu_vs_bf16_peak": round(f["gflops_per_image"] * 1e9 * ips / (peak * 1e12), 4)})
+    try:
+        import tensorrt  # noqa: F401
+        trt = "tensorrt importable; native engines: cxr-export trt + cxr-runtime bench"
+    except ImportError:
+        trt = "tensorrt not installed: no TensorRT rows"
+    doc = {"status": "measured", "bf16_matmul_peak_tflops": round(peak, 1), "tensorrt": trt,
+           "flops": flops, "rows": rows, "gpu_name": torch.cuda.get_device_name(0)}
+    md = (f"## GPU ({doc['gpu_name']}, bf16 matmul peak {peak:.0f} TFLOP/s measured)\n\n{trt}\n\n"
+          + md_table(rows, [("model", "model"), ("px", "px"), ("batch", "batch"), ("variant", "variant"),
+                            ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("images_per_s", "images/s"),
+                            ("mfu_vs_bf16_peak", "MFU")]))
+    return write_section(out, "gpu", doc, md)
+
+
+

@@ -1,0 +1,90 @@
+"""Section 4: training throughput, DDP (ZeRO-0) vs ZeRO-1/2/3, fp32 and bf16, same global batch.
+
+Every configuration runs the real `cxr-train fit` under torchrun (gloo on CPU) on the
+bundled radiographs and reports the images/s and peak memory per rank that fit itself
+measures (summary.json; the first step, which pays for warm-up, is left out of the rate).
+Replaces the former bench/train_throughput.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .common import ROOT, figure, md_table, save_png, write_section
+
+NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
+
+
+def fit_cmd(config: str | Path, data: str | Path, out: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
+    """`cxr-train fit` under torchrun --standalone (a free rendezvous port, any rank count)."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={ranks}",
+           "-m", "cxr_ddpm.train.cli", "fit", "--config", str(config), "--data", str(data), "--out", str(out)]
+    for s in overrides:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run_fit(config: str | Path, data: str | Path, out: Path, *, ranks: int, threads: int,
+            overrides: Sequence[str]) -> dict[str, Any]:
+    """Run fit; summary.json's content, or {"error": last stderr lines}."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.time()
+    p = subprocess.run(fit_cmd(config, data, out, ranks, overrides), env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": " | ".join(p.stderr.strip().splitlines()[-3:])[:400]}
+    return {**json.loads((out / "summary.json").read_text()), "wall_s": round(time.time() - t0, 1)}
+
+
+def run_one(config: str, data: str, stage: int, precision: str, out: Path, *, ranks: int, threads: int,
+            global_batch: int, steps: int) -> dict[str, Any]:
+    sets = [f"train.zero_stage={stage}", f"train.precision={precision}", f"train.steps={steps}",
+            f"train.micro_batch={global_batch // ranks}", "train.sample_every=0", "train.save_every=0",
+            f"train.log_every={steps}", "data.num_workers=0", "train.warmup_steps=1"]
+    s = run_fit(config, data, out, ranks=ranks, threads=threads, overrides=sets)
+    row: dict[str, Any] = {"mode": NAMES[stage], "zero_stage": stage, "precision": precision}
+    if "error" in s:
+        return {**row, "error": s["error"]}
+    return {**row, "images_per_s": round(s["images_per_s"], 2), "peak_mem_mib_per_rank": round(s["peak_mem_mib"], 1),
+            "global_batch": s["global_batch"], "wall_s": s["wall_s"]}
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    fig, ax = figure(6, 3.5)
+    ok = [r for r in rows if "images_per_s" in r]
+    ax.bar(range(len(ok)), [r["images_per_s"] for r in ok],
+           color=["tab:blue" if r["precision"] == "fp32" else "tab:orange" for r in ok])
+    ax.set_xticks(range(len(ok)), [f"{r['mode']}\n{r['precision']}" for r in ok], fontsize=7)
+    ax.set_ylabel("images/s (all ranks)")
+    ax.set_title("Training throughput, CPU ranks (gloo)")
+    return save_png(fig, path)
+
+
+def run(out: Path, *, config: str = str(ROOT / "configs" / "tiny.yaml"), data: str = str(ROOT / "data" / "cxr-sample"),
+        ranks: int = 2, threads: int = 1, global_batch: int = 16, steps: int = 5,
+        stages: Sequence[int] = (0, 1, 2, 3), precisions: Sequence[str] = ("fp32", "bf16")) -> Path:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in precisions:
+            for stage in stages:
+                row = run_one(config, data, stage, precision, Path(tmp) / f"z{stage}-{precision}", ranks=ranks,
+                              threads=threads, global_batch=global_batch, steps=steps)
+                print(f"  {row['mode']} {precision}: {row.get('images_per_s', row.get('error'))}", flush=True)
+                rows.append(row)
+    base = {r["precision"]: r["images_per_s"] for r in rows if r["zero_stage"] == 0 and "images_per_s" in r}
+    for r in rows:
+        if "images_per_s" in r and r["precision"] in base:
+            r["vs_ddp"] = round(r["images_per_s"] / base[r["precision"]], 3)
+    doc = {"config": Path(config).name, "ranks": ranks, "threads_per_rank": threads, "global_batch": global_batch,
+           "steps": steps, "timing": f"{steps} steps, first excluded (fit's own summary.json)", "rows": rows}
+    plot(rows, out / "train.png")
+    md = (f"## Training throughput ({ranks} CPU ranks, gloo, {Path(config).name}, global batch {global_batch}, "
+          f"{steps} steps, first excluded)\n\n" + md_table(rows, [
+              ("mode", "mode"), ("precision", "precision"), ("images_per_s", "images/s"), ("vs_ddp", "vs DDP"),
+              ("peak_mem_mib_per_rank", "peak MiB/rank"), ("error", "error")]))
+    return write_section(out, "train", doc, md)
