@@ -26,7 +26,6 @@ import csv
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -365,4 +364,5 @@ def _progress(world: World, step: int, total: int):
 def _peak_mem_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from cxr_ddpm.runtime.sampling import peak_rss_mib   # VmHWM: not inherited from the launcher
+    return peak_rss_mib()
