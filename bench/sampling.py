@@ -22,7 +22,7 @@ PLAN = (("ddpm", None), ("ddim", 250), ("ddim", 50), ("dpmpp-2m", 20), ("dpmpp-2
 
 def denoisers(arts: dict[str, Path]) -> dict[str, Any]:
     from cxr_ddpm.runtime.backends.onnx import OrtDenoiser
-    from cxr_ddpm.runtime.backends.torch_ref import TorchDenoiser
+    from cxr_ddpm.train.torch_backend import TorchDenoiser
     return {"ort": OrtDenoiser(arts["fp32"]), "torch": TorchDenoiser(arts["ckpt"])}
 
 

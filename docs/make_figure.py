@@ -14,7 +14,7 @@ from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.outputs import grid_png
 from cxr_ddpm.runtime.sampling import generate
 from cxr_ddpm.train.data import list_images
-from cxr_ddpm.train.imageio import load_resized
+from cxr_ddpm.runtime.imageio import load_resized
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--engine", required=True)

@@ -12,7 +12,7 @@ from PIL import Image
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train.cli import main as train_cli
 from cxr_ddpm.train.data import CxrDataset, cpu_allowance, default_num_workers, list_images, scan_dataset
-from cxr_ddpm.train.imageio import UnreadableImage, load_gray, load_resized
+from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
 
 
 def _ramp(h: int = 60, w: int = 80) -> np.ndarray:

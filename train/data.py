@@ -3,7 +3,7 @@
     root/COVID-19/*.jpg, root/Normal/*.png, root/Pneumonia-Viral/*.dcm, ...
 
 Class names are the folder names (sorted), labels their index. Images are
-decoded by `imageio` to 1 x size x size float32 in [0, 1]; GaussianDiffusion
+decoded by `runtime.imageio` to 1 x size x size float32 in [0, 1]; GaussianDiffusion
 maps that to [-1, 1] itself. A file that fails to decode during training is
 skipped with one warning and replaced by the next readable one.
 """
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cxr_ddpm.runtime.errors import CxrError
 
-from .imageio import IMAGE_EXTS, UnreadableImage, load_resized, probe
+from cxr_ddpm.runtime.imageio import IMAGE_EXTS, UnreadableImage, load_resized, probe
 
 
 @dataclass(frozen=True)

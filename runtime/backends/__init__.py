@@ -19,6 +19,7 @@ from ..schedule import Schedule
 
 BACKENDS = ("onnx", "tensorrt", "torch")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
+TORCH_BACKEND_MODULE = "cxr_ddpm.train.torch_backend"
 
 
 class Denoiser(Protocol):
@@ -72,8 +73,7 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
         from .trt_adapter import TrtDenoiser
         den: Any = TrtDenoiser(path, provider=provider or "tensorrt", **options)
     elif backend == "torch":
-        from .torch_ref import TorchDenoiser
-        den = TorchDenoiser(path, provider=provider or "cpu", threads=threads, **options)
+        den = torch_denoiser_class()(path, provider=provider or "cpu", threads=threads, **options)
     else:
         if path.is_dir():
             raise CxrError(f"{path}: is a folder, not an ONNX model")
@@ -82,6 +82,18 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
     if ckpt is not None:
         check_source(den.meta, Path(ckpt), str(path))
     return den
+
+
+def torch_denoiser_class() -> Any:
+    """The PyTorch reference backend lives on the torch side (train/); the runtime imports it
+    by module name only when --backend torch is chosen, so the runtime itself never needs torch."""
+    import importlib
+    try:
+        module = importlib.import_module(TORCH_BACKEND_MODULE)
+    except ImportError as e:
+        raise CxrError(f"--backend torch needs the training extra (pip install 'cxr-ddpm[train]'): "
+                       f"{e}") from None
+    return module.TorchDenoiser
 
 
 def check_source(meta: dict[str, Any], ckpt: Path, source: str) -> None:

@@ -1,7 +1,7 @@
 """PyTorch reference backend: the checkpoint's EMA U-Net in eager PyTorch, for A/B comparisons.
 
-The only runtime file that imports torch, and only inside functions, so importing
-the runtime package (or choosing another backend) never loads it.
+Lives on the torch side; `runtime.backends.load_denoiser` imports it by module name only
+when `--backend torch` is chosen, so the runtime package itself never imports torch.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..schedule import Schedule
+from cxr_ddpm.runtime.schedule import Schedule
 
 
 class TorchDenoiser:
@@ -23,7 +23,7 @@ class TorchDenoiser:
         import torch
 
         from cxr_ddpm.train.checkpoint import load_checkpoint
-        from ..errors import CxrError
+        from cxr_ddpm.runtime.errors import CxrError
 
         if provider not in ("cpu", "cuda"):
             raise CxrError(f"--provider {provider}: the torch backend runs on cpu or cuda")
