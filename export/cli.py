@@ -11,12 +11,16 @@ from pathlib import Path
 
 import click
 
-from cxr_ddpm.runtime.errors import CxrError, cli_errors
+from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, cli_errors, require_extra
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@cli_errors
 def main() -> None:
     """Export a trained U-Net to ONNX / TensorRT, verified against PyTorch."""
+    command = click.get_current_context().invoked_subcommand
+    if command != "trt":            # trt needs TensorRT ([gpu]), not torch: it says so itself
+        require_extra("train", TRAIN_MODULES, f"cxr-export {command}")
 
 
 def _config(path: str | None):

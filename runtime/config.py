@@ -102,6 +102,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     seed: int = 0
     zero_stage: int = 2                           # DeepSpeed ZeRO stage; 0 = plain data parallel
+    deepspeed_config: str = ""                    # JSON with ZeRO/communication settings; "" = built in
     precision: Precision = "fp32"
     save_every: int = 500                         # steps between checkpoints
     keep_last: int = 3                            # DeepSpeed checkpoints kept on disk

@@ -7,6 +7,7 @@ such an error prints `error: <message>` on stderr and exits 2, never a traceback
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -34,3 +35,16 @@ def cli_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+TRAIN_MODULES = ("torch", "deepspeed", "denoising_diffusion_pytorch", "safetensors", "onnx")
+
+
+def require_extra(extra: str, modules: tuple[str, ...], what: str) -> None:
+    """CxrError naming the pip extra when a module of an optional install is missing.
+
+    find_spec only looks the module up: nothing heavy (torch) is imported here."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CxrError(f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+                       f"pip install 'cxr-ddpm[{extra}]'")

@@ -1,6 +1,7 @@
 """Training input checks, launcher env mapping, resume bookkeeping: fast, no process group."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.cli import main
 from cxr_ddpm.train.dist import resolve_world, slurm_port
-from cxr_ddpm.train.ds_config import build_ds_config, load_stage_file
+from cxr_ddpm.train.ds_config import build_ds_config, load_stage_file, stage_defaults
 from cxr_ddpm.train.loop import StepSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +49,6 @@ def test_unknown_zero_stage(tmp_path, cxr_mini):
     res, out = run_fit(tmp_path, cxr_mini, "--set", "train.zero_stage=4")
     assert_one_line_error(res, "train.zero_stage=4", "0, 1, 2 or 3")
     assert not out.exists()
-    with pytest.raises(CxrError, match="zero_stage=7"):
-        load_stage_file(7)
 
 
 def test_fp16_on_cpu(tmp_path, cxr_mini):
@@ -82,13 +81,38 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def test_stage_file_contiguous_gradients_guard(tmp_path):
-    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 2, "contiguous_gradients": false}}')
+def test_user_deepspeed_config_checked(tmp_path):
+    bad = tmp_path / "zero2.json"
+    bad.write_text('{"zero_optimization": {"stage": 2, "contiguous_gradients": false}}')
     with pytest.raises(CxrError, match="contiguous_gradients"):
-        load_stage_file(2, tmp_path)
-    (tmp_path / "zero1.json").write_text('{"zero_optimization": {"stage": 3}}')
-    with pytest.raises(CxrError, match="does not match the file name"):
-        load_stage_file(1, tmp_path)
+        build_ds_config(load_config(TINY, [f"train.deepspeed_config={bad}"]), world_size=1, cuda=False)
+    other = tmp_path / "zero3.json"
+    other.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(CxrError, match="does not match train.zero_stage=1"):
+        build_ds_config(load_config(TINY, [f"train.deepspeed_config={other}", "train.zero_stage=1"]),
+                        world_size=1, cuda=False)
+    for text, why in (("{", "cannot parse"), ('{"optimizer": {}}', "zero_optimization section")):
+        bad.write_text(text)
+        with pytest.raises(CxrError, match=why):
+            load_stage_file(bad, 2)
+    with pytest.raises(CxrError, match="file not found"):
+        load_stage_file(tmp_path / "nope.json", 2)
+
+
+def test_user_deepspeed_config_is_used(tmp_path):
+    mine = stage_defaults(2)
+    mine["zero_optimization"]["reduce_bucket_size"] = 1234
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(mine))
+    ds = build_ds_config(load_config(TINY, [f"train.deepspeed_config={path}"]), world_size=1, cuda=False)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1234 and "_comment" not in ds
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_example_deepspeed_files_equal_the_built_in_dicts(stage):
+    """configs/deepspeed/*.json document what the package builds in code; they must not drift."""
+    example = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    assert example == stage_defaults(stage)
 
 
 # -----------------------------------------------------------------------------

@@ -5,12 +5,14 @@ import sys
 
 import click
 
-from cxr_ddpm.runtime.errors import CxrError, cli_errors
+from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, cli_errors, require_extra
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@cli_errors
 def main() -> None:
     """Train a DDPM on chest radiographs (DeepSpeed; see slurm/train.sh for clusters)."""
+    require_extra("train", TRAIN_MODULES, "cxr-train")
 
 
 @main.command("check-data")

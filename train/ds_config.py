@@ -1,12 +1,14 @@
-"""The DeepSpeed config of a run: configs/deepspeed/zero{1,2,3}.json + cfg.train.
+"""The DeepSpeed config of a run: per-stage defaults built here + cfg.train.
 
-The JSON files hold what a cluster user tunes per ZeRO stage (bucket sizes,
-overlap, optimizer betas). Everything the run config already states is filled
-in from `cfg.train` so the two can never disagree: batch sizes, lr, weight
-decay, warmup, gradient clipping, and precision (bf16/fp16 `enabled` is a field
-toggled from train.precision; there is one file per stage, not one per dtype).
-`train.zero_stage=0` (plain data parallel, the DDP baseline) reuses zero1.json
-with ZeRO switched off.
+`stage_defaults(stage)` holds what a cluster user tunes per ZeRO stage (bucket
+sizes, overlap, optimizer betas). It is code, not a file beside the package, so an
+installed wheel trains as a source checkout does; `configs/deepspeed/zero{1,2,3}.json`
+are the same dicts written out as documented examples (a test keeps them equal).
+To tune them, copy one and pass it: `--set train.deepspeed_config=my_zero2.json`.
+Everything the run config already states is filled in from `cfg.train` so the two
+can never disagree: batch sizes, lr, weight decay, warmup, gradient clipping, and
+precision (bf16/fp16 `enabled` follows train.precision). `train.zero_stage=0`
+(plain data parallel, the DDP baseline) uses the ZeRO-1 dict with ZeRO switched off.
 
 All checks here run before any process group starts, so a bad config is one
 clear line on every rank instead of a hang or a traceback.
@@ -21,7 +23,34 @@ from typing import Any
 from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+_COMMENT = ("ZeRO-{stage}. cxr-train fills train_batch_size, train_micro_batch_size_per_gpu, "
+            "gradient_accumulation_steps, optimizer lr/weight_decay, scheduler warmup, gradient_clipping "
+            "and bf16/fp16 'enabled' from the run config (train.*); edit ZeRO/communication settings here "
+            "and pass the file with --set train.deepspeed_config=FILE. contiguous_gradients must stay "
+            "true on CPU (see docs).")
+
+
+def stage_defaults(stage: int) -> dict[str, Any]:
+    """The built-in DeepSpeed dict of ZeRO stage 1, 2 or 3 (before cfg.train is filled in)."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"no ZeRO stage {stage}")     # TrainConfig.validate refuses it first
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": False}
+    if stage < 3:
+        zero.update(reduce_scatter=True, reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
+    else:   # ZeRO-3 gathers parameters per layer: smaller prefetch, small params stay resident
+        zero.update(reduce_bucket_size=50_000_000, stage3_prefetch_bucket_size=5_000_000,
+                    stage3_param_persistence_threshold=10_000,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "_comment": _COMMENT.format(stage=stage),
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-08, "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_type": "linear"}},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False, "initial_scale_power": 16},
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
 
 
 def check_batch(cfg: Config, world_size: int) -> int:
@@ -42,33 +71,45 @@ def check_precision(precision: str, cuda: bool) -> None:
                        "use bf16 or fp32")
 
 
-def load_stage_file(stage: int, config_dir: Path = DS_CONFIG_DIR) -> dict[str, Any]:
-    if stage not in (0, 1, 2, 3):
-        raise CxrError(f"train.zero_stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    path = config_dir / f"zero{max(stage, 1)}.json"
+def load_stage_file(path: str | Path, stage: int) -> dict[str, Any]:
+    """A user's DeepSpeed JSON (train.deepspeed_config) for ZeRO `stage`, checked."""
+    path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CxrError(f"{path}: DeepSpeed config not found") from None
+        raise CxrError(f"train.deepspeed_config={path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CxrError(f"train.deepspeed_config={path}: cannot read ({e})") from None
     except json.JSONDecodeError as e:
-        raise CxrError(f"{path}: cannot parse: {e}") from None
-    file_stage = raw.get("zero_optimization", {}).get("stage")
+        raise CxrError(f"train.deepspeed_config={path}: cannot parse: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("zero_optimization"), dict):
+        raise CxrError(f"train.deepspeed_config={path}: needs a zero_optimization section")
+    file_stage = raw["zero_optimization"].get("stage")
     if file_stage != max(stage, 1):
-        raise CxrError(f"{path}: zero_optimization.stage={file_stage!r} does not match the file name")
-    if file_stage in (1, 2) and raw["zero_optimization"].get("contiguous_gradients") is False:
+        raise CxrError(f"train.deepspeed_config={path}: zero_optimization.stage={file_stage!r} does not "
+                       f"match train.zero_stage={stage}")
+    return raw
+
+
+def check_stage_dict(ds: dict[str, Any], source: str) -> None:
+    zero = ds["zero_optimization"]
+    if zero.get("stage") in (1, 2) and zero.get("contiguous_gradients") is False:
         # Seen on CPU: ZeRO-1/2 skipped the gradient all-reduce with contiguous_gradients
         # and reduce_scatter both off, and the ranks silently drifted apart.
-        raise CxrError(f"{path}: keep zero_optimization.contiguous_gradients true")
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
+        raise CxrError(f"{source}: keep zero_optimization.contiguous_gradients true")
 
 
-def build_ds_config(cfg: Config, world_size: int, cuda: bool,
-                    config_dir: Path = DS_CONFIG_DIR) -> dict[str, Any]:
+def build_ds_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
     """The dict passed to deepspeed.initialize(config=...)."""
     t = cfg.train
     global_batch = check_batch(cfg, world_size)
     check_precision(t.precision, cuda)
-    ds = copy.deepcopy(load_stage_file(t.zero_stage, config_dir))
+    if t.deepspeed_config:
+        ds = load_stage_file(t.deepspeed_config, t.zero_stage)
+        check_stage_dict(ds, f"train.deepspeed_config={t.deepspeed_config}")
+    else:
+        ds = stage_defaults(max(t.zero_stage, 1))
+    ds = {k: copy.deepcopy(v) for k, v in ds.items() if not k.startswith("_")}
     if t.zero_stage == 0:
         ds["zero_optimization"] = {"stage": 0}
     ds["train_batch_size"] = global_batch
