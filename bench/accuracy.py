@@ -67,7 +67,8 @@ def run(out: Path, *, ckpt: Path | None = None, train_steps: int = 300, n: int =
     from cxr_ddpm.export.onnx_export import export_onnx
     from cxr_ddpm.runtime.backends.onnx import OrtDenoiser
     from cxr_ddpm.runtime.samplers import get_sampler
-    ckpt = Path(ckpt) if ckpt is not None else trained_tiny(train_steps)
+    given = ckpt is not None
+    ckpt = Path(ckpt) if given else trained_tiny(train_steps)
     onnx_path = ckpt.with_suffix(".bench.onnx")
     if not onnx_path.is_file() or onnx_path.stat().st_mtime < ckpt.stat().st_mtime:
         export_onnx(ckpt, onnx_path, verify=False, log=lambda m: None)
@@ -96,7 +97,7 @@ def run(out: Path, *, ckpt: Path | None = None, train_steps: int = 300, n: int =
     verdict = (None if goal is None else
                {"sampler": GOAL[0], "steps": GOAL[1], "rmse": goal["rmse"], "threshold": GOAL[2],
                 "met": goal["rmse"] <= GOAL[2]})
-    doc = {"model": str(ckpt), "trained_steps": train_steps if ckpt is None else "given checkpoint",
+    doc = {"model": str(ckpt), "trained_steps": "given checkpoint" if given else train_steps,
            "timesteps": T, "reference": f"DDIM eta=0 over all T={T} levels (T-step DDIM; tiny has T={T})",
            "images": n, "px": size, "rmse_space": "[0,1] pixels, all pixels of all images",
            "ddpm_note": "ddpm is stochastic (its own noise), so its RMSE measures sample diversity, not error",

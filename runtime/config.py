@@ -133,9 +133,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     def digest(self) -> str:
         """Short hash of the model + diffusion sections: what a checkpoint's weights depend on."""
         d = self.to_dict()

@@ -75,7 +75,3 @@ def guided(denoiser: Any, classes: Any, scale: float, null_class: int) -> Any:
 
     return denoise
 
-
-def calls_per_step(scale: float, conditional: bool) -> int:
-    """Images the backend processes per image per step (2 for batched guidance)."""
-    return 2 if conditional and float(scale) not in (0.0, 1.0) else 1

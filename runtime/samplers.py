@@ -200,7 +200,3 @@ def resolve_steps(sampler: str, steps: int | None, timesteps: int) -> int:
     steps = min(DEFAULT_STEPS[sampler], timesteps) if steps is None else steps
     return check_steps(steps, timesteps)
 
-
-def noise_from_arrays(arrays: list[Array]) -> NoiseFn:
-    """A NoiseFn over pre-drawn arrays in order (tests feed lucidrains' exact noise)."""
-    return lambda k: arrays[k]

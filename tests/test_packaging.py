@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -76,8 +77,11 @@ def test_static_import_check_can_fail(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"            # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                             "__pycache__", "bench", "data", "docs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
     (path,) = out.glob("cxr_ddpm-*.whl")
     return path
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import Config
+from ..engine_file import is_engine_file
 from ..errors import CxrError
 from ..schedule import Schedule
 
@@ -33,19 +34,10 @@ class Denoiser(Protocol):
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any: ...
 
 
-def _is_engine_file(path: Path) -> bool:
-    try:
-        from ..engine_file import is_engine_file
-    except ImportError:  # export side not installed yet: fall back to the contract's magic
-        with open(path, "rb") as f:
-            return f.read(8) == b"CXRTRT\x00\x01"
-    return bool(is_engine_file(path))
-
-
 def detect_backend(path: Path) -> str:
     if path.is_dir() or path.suffix in CHECKPOINT_SUFFIXES:
         return "torch"
-    return "tensorrt" if _is_engine_file(path) else "onnx"
+    return "tensorrt" if is_engine_file(path) else "onnx"
 
 
 def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str | None = None,
