@@ -39,7 +39,7 @@ def timed_run(den: Any, sampler: str, steps: int | None, batch: int, seed: int =
 
 def row(model: str, backend: str, sampler: str, calls: int, batch: int, seconds: float, how: str) -> dict:
     return {"model": model, "backend": backend, "sampler": sampler, "steps": calls, "batch": batch,
-            "seconds": round(seconds, 2), "s_per_image": round(seconds / batch, 3),
+            "seconds": float(f"{seconds:.3g}"), "s_per_image": round(seconds / batch, 3),
             "images_per_s": round(batch / seconds, 3), "how": how}
 
 

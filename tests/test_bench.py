@@ -51,7 +51,9 @@ def test_denoiser_section(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "denoiser.json").read_text())
     variants = {r["variant"] for r in doc["rows"]}
     assert {"eager", "eager_cl", "ort_fp32", "ort_fp16"} <= variants
-    assert next(r for r in doc["rows"] if r["variant"] == "eager")["speedup_vs_eager"] == 1.0
+    eager_ms = next(r for r in doc["rows"] if r["variant"] == "eager")["median_ms"]
+    for r in doc["rows"]:                              # every ratio is eager time / this variant's time
+        assert r["speedup_vs_eager"] == pytest.approx(eager_ms / r["median_ms"], rel=2e-3)
     assert doc["flops"][0]["gflops_per_image"] > 0
     assert (tmp_path / "denoiser.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -76,7 +78,7 @@ def test_accuracy_section_on_fixture_checkpoint(tmp_path: Path, tiny_ckpt: Path)
     accuracy.run(tmp_path, ckpt=tiny_ckpt, n=1, grid=(("ddim", 5), ("dpmpp-2m", 20), ("ddim", 100)))
     doc = json.loads((tmp_path / "accuracy.json").read_text())
     by = {(r["sampler"], r["steps"]): r for r in doc["rows"]}
-    assert by[("ddim", 100)]["rmse"] == 0.0                         # the reference itself
+    assert by[("ddim", 5)]["rmse"] > by[("ddim", 100)]["rmse"] >= 0   # fewer steps: further from the T-step run
     assert doc["goal"]["sampler"] == "dpmpp-2m" and doc["goal"]["steps"] == 20
     assert (tmp_path / "accuracy.png").is_file()
 
@@ -106,7 +108,7 @@ def test_gpu_section_pending_without_cuda(tmp_path: Path) -> None:
 def test_train_section_one_rank(tmp_path: Path, cxr_mini: Path) -> None:
     train.run(tmp_path, data=str(cxr_mini), ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=2)
     rows = json.loads((tmp_path / "train.json").read_text())["rows"]
-    assert rows[0]["images_per_s"] > 0 and rows[0]["vs_ddp"] == 1.0, rows
+    assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["peak_mem_mib_per_rank"] > 0, rows
 
 
 def test_train_failure_is_recorded_not_raised(tmp_path: Path, cxr_mini: Path) -> None:
