@@ -28,6 +28,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_trt)
 
 
+def assert_user_error(res, *needles: str, progress: bool = False) -> None:
+    """A CLI result (click's CliRunner) that failed the way users should see it: exit 2, one
+    `error: ...` line on stderr naming every needle, no traceback. progress=True lets other
+    (progress/log) lines come first; the error must still be the only error line, and the last."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    if progress:
+        assert [ln for ln in lines if "error" in ln.lower()] == lines[-1:], res.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 @pytest.fixture(scope="session")
 def cxr_mini() -> Path:
     """Real chest radiographs in class folders (COVID-19/, Normal/)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from conftest import assert_user_error
 from cxr_ddpm.export import onnx_export
 from cxr_ddpm.export.cli import main
 from cxr_ddpm.export.onnx_export import export_onnx
@@ -29,13 +30,7 @@ def run_cli(*args: str) -> Result:
 
 
 def assert_one_line_error(res: Result, needle: str) -> None:
-    assert res.exit_code == 2, res.output
-    # stderr may also hold progress lines (exporter, tqdm); the error is one line, and the last
-    lines = [ln for ln in res.stderr.replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    assert errors == [lines[-1]] and lines[-1].startswith("error: "), res.stderr
-    assert needle in lines[-1], lines[-1]
-    assert "Traceback" not in res.output
+    assert_user_error(res, needle, progress=True)    # stderr also holds exporter/tqdm progress
 
 
 def leftovers(folder: Path) -> list[str]:

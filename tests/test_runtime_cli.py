@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_user_error
 from cxr_ddpm.runtime.cli import main
 from cxr_ddpm.runtime.metadata import METADATA_KEY
 
@@ -27,15 +28,6 @@ def run(*args: str | Path):
 
 def sample(engine: Path, out: Path, *extra: str | Path):
     return run("sample", "--engine", engine, "--out", out, "--threads", "1", *extra)
-
-
-def assert_user_error(res, *needles: str) -> None:
-    """Exit 2, exactly one line on stderr naming the cause, no traceback."""
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_sample_writes_images_grid_and_settings(onnx_path: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_user_error as assert_one_line_error
 from cxr_ddpm.runtime.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train import resume as ckpt
@@ -24,15 +25,6 @@ def run_fit(tmp_path: Path, data: Path, *args: str, env: dict | None = None):
     res = CliRunner().invoke(main, ["fit", "--config", TINY, "--data", str(data), "--out", str(out), *args],
                              env={"RANK": None, "WORLD_SIZE": None, "SLURM_STEP_NUM_TASKS": None, **(env or {})})
     return res, out
-
-
-def assert_one_line_error(res, *needles: str) -> None:
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # -----------------------------------------------------------------------------
