@@ -185,12 +185,21 @@ def test_workers_respect_slurm_allowance(monkeypatch: pytest.MonkeyPatch) -> Non
     assert default_num_workers(3) == 3
 
 
-def test_fingerprint_tracks_content(tmp_path: Path, cxr_mini: Path) -> None:
+def test_fingerprint_tracks_files_sizes_and_labels(tmp_path: Path, cxr_mini: Path) -> None:
     shutil.copytree(cxr_mini, tmp_path / "d")
-    before = list_images(tmp_path / "d").fingerprint()
-    assert before == list_images(tmp_path / "d").fingerprint()
-    next((tmp_path / "d" / "Normal").glob("*.jpg")).unlink()
-    assert list_images(tmp_path / "d").fingerprint() != before
+    normal = tmp_path / "d" / "Normal"
+    seen = {list_images(tmp_path / "d").fingerprint()}
+    first, second = sorted(normal.glob("*.jpg"))[:2]
+    with open(first, "ab") as f:                                  # same name, another size
+        f.write(b"\0")
+    seen.add(list_images(tmp_path / "d").fingerprint())
+    first.rename(first.with_name("renamed.jpg"))                  # same bytes, another path
+    seen.add(list_images(tmp_path / "d").fingerprint())
+    second.rename(tmp_path / "d" / "COVID-19" / second.name)      # same file, another label
+    seen.add(list_images(tmp_path / "d").fingerprint())
+    next(normal.glob("*.jpg")).unlink()                            # one file fewer
+    seen.add(list_images(tmp_path / "d").fingerprint())
+    assert len(seen) == 5
 
 
 def test_missing_root_is_a_user_error(tmp_path: Path) -> None:

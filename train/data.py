@@ -34,7 +34,10 @@ class ImageList:
     class_names: tuple[str, ...]
 
     def fingerprint(self) -> str:
-        """Hash of relative paths and sizes: identifies the data a checkpoint was trained on."""
+        """Hash of relative paths, sizes and labels: identifies the data a checkpoint was trained on.
+
+        Not the bytes: hashing every file of the full set at each save would read gigabytes
+        from a shared filesystem; a same-size in-place edit is the case this does not catch."""
         h = hashlib.sha256()
         for f, y in zip(self.files, self.labels):
             h.update(f"{f.relative_to(self.root)}\0{f.stat().st_size}\0{y}\n".encode())
