@@ -72,8 +72,10 @@ def test_lucidrains_trainer_checkpoint_import(tmp_path: Path, tiny_cfg) -> None:
     assert ck.step == 7 and ck.meta["provenance"]["imported_from"] == "lucidrains"
     assert torch.equal(ck.online["init_conv.weight"], data["model"]["model.init_conv.weight"])
     assert torch.equal(ck.ema["init_conv.weight"], data["ema"]["ema_model.model.init_conv.weight"])
-    ck.build_unet(ema=True)
-    ck.build_unet(ema=False)
+    assert not torch.equal(ck.ema["init_conv.weight"], ck.online["init_conv.weight"])
+    for ema, want in ((True, ck.ema), (False, ck.online)):     # the built U-Net holds those weights
+        got = ck.build_unet(ema=ema).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_lucidrains_needs_config(tmp_path: Path, tiny_cfg) -> None:
