@@ -59,7 +59,10 @@ def _lucidrains_file(path: Path, cfg) -> dict:
     with torch.no_grad():
         for p in diffusion.parameters():
             p.add_(0.05)
-    ema.update()
+    ema.update()                           # ema_pytorch copies the weights before update_after_step
+    with torch.no_grad():
+        for p in diffusion.parameters():   # so move the online weights on: EMA and online differ
+            p.add_(0.01)
     data = {"step": 7, "model": diffusion.state_dict(), "opt": {}, "ema": ema.state_dict(),
             "scaler": None, "version": "2.3.4"}
     torch.save(data, path)
