@@ -6,7 +6,7 @@ engines (file header) all store a document under the key `cxr_ddpm` with at leas
     format_version  int, this module's FORMAT_VERSION when written
     kind            "checkpoint" | "onnx" | "tensorrt"
     config          the full Config.to_dict() (model, diffusion, data, train)
-    schedule        {timesteps, beta_schedule, objective, ..., alphas_cumprod_sha256}
+    schedule        {timesteps, beta_schedule, objective, ..., betas, alphas_cumprod_sha256}
     image_size, channels, objective
     class_names     list of str (folder names), [] when unknown
     provenance      {package_version, git_commit, created, ...}
@@ -23,6 +23,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .config import Config
 from .errors import CxrError
@@ -35,10 +37,32 @@ REQUIRED_KEYS = ("format_version", "kind", "config", "schedule", "image_size", "
 
 
 def schedule_metadata(cfg: Config) -> dict[str, Any]:
+    """The diffusion config plus the schedule's values: betas (float64, as JSON floats, which
+    round-trip exactly) and the hash of alphas_cumprod. With the values stored, an artifact
+    samples the same after the schedule code changes."""
     sched = Schedule.from_config(cfg.diffusion)
     out = dataclasses.asdict(cfg.diffusion)
+    out["betas"] = [float(b) for b in sched.betas]
     out["alphas_cumprod_sha256"] = sched.digest()
     return out
+
+
+def schedule_from_metadata(meta: dict[str, Any], source: str) -> Schedule:
+    """The artifact's schedule: its stored betas when present (artifacts since 0.2), else
+    rebuilt from its diffusion config (older artifacts); checked against the stored hash."""
+    sched_meta = meta["schedule"]
+    cfg = config_from_metadata(meta, source)
+    if "betas" in sched_meta:
+        betas = np.asarray(sched_meta["betas"], dtype=np.float64)
+        if betas.ndim != 1 or betas.shape[0] != cfg.diffusion.timesteps:
+            raise CxrError(f"{source}: schedule betas hold {betas.size} values for T={cfg.diffusion.timesteps}")
+        schedule = Schedule(betas=betas, objective=cfg.diffusion.objective)
+    else:
+        schedule = Schedule.from_config(cfg.diffusion)
+    if sched_meta.get("alphas_cumprod_sha256") not in (None, schedule.digest()):
+        what = "its stored betas" if "betas" in sched_meta else "its diffusion config"
+        raise CxrError(f"{source}: schedule hash in metadata does not match {what}")
+    return schedule
 
 
 def git_commit() -> str | None:
@@ -91,10 +115,7 @@ def parse_metadata(text: str | bytes | None, source: str) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CxrError(f"{source}: metadata format_version {version} is newer than this "
                        f"cxr-ddpm understands ({FORMAT_VERSION}); upgrade cxr-ddpm")
-    cfg = config_from_metadata(meta, source)
-    digest = Schedule.from_config(cfg.diffusion).digest()
-    if meta["schedule"].get("alphas_cumprod_sha256") not in (None, digest):
-        raise CxrError(f"{source}: schedule hash in metadata does not match its diffusion config")
+    schedule_from_metadata(meta, source)            # config and schedule must both be usable
     return meta
 
 

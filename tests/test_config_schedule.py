@@ -1,9 +1,9 @@
 """Config schema (typed, unknown keys refused) and schedule parity with lucidrains."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +159,36 @@ def test_runtime_import_does_not_import_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- schedule values in the metadata
+
+def test_metadata_stores_the_schedule_values(tiny_cfg) -> None:
+    from cxr_ddpm.runtime.metadata import build_metadata, dumps, parse_metadata, schedule_from_metadata
+    meta = parse_metadata(dumps(build_metadata(tiny_cfg, kind="onnx", class_names=[])), "a.onnx")
+    want = S.Schedule.from_config(tiny_cfg.diffusion)
+    assert np.array_equal(np.asarray(meta["schedule"]["betas"]), want.betas)      # exact through JSON
+    assert np.array_equal(schedule_from_metadata(meta, "a.onnx").betas, want.betas)
+
+
+def test_stored_betas_win_over_the_schedule_code(tiny_cfg) -> None:
+    """An artifact keeps sampling with the schedule it was trained with, whatever the code
+    for its beta_schedule computes today."""
+    from cxr_ddpm.runtime.metadata import build_metadata, schedule_from_metadata
+    meta = build_metadata(tiny_cfg, kind="onnx", class_names=[])
+    changed = S.Schedule(betas=np.linspace(1e-3, 0.05, tiny_cfg.diffusion.timesteps), objective="pred_v")
+    meta["schedule"].update(betas=changed.betas.tolist(), alphas_cumprod_sha256=changed.digest())
+    assert np.array_equal(schedule_from_metadata(meta, "a.onnx").betas, changed.betas)
+    meta["schedule"]["betas"][3] *= 1.01                                         # corrupt: hash no longer fits
+    with pytest.raises(CxrError, match="a.onnx: schedule hash in metadata does not match its stored betas"):
+        schedule_from_metadata(meta, "a.onnx")
+    meta["schedule"]["betas"] = meta["schedule"]["betas"][:-1]
+    with pytest.raises(CxrError, match="betas hold 99 values for T=100"):
+        schedule_from_metadata(meta, "a.onnx")
+
+
+def test_artifacts_without_stored_betas_still_load(tiny_cfg) -> None:
+    from cxr_ddpm.runtime.metadata import build_metadata, schedule_from_metadata
+    meta = build_metadata(tiny_cfg, kind="onnx", class_names=[])
+    del meta["schedule"]["betas"]                                                # as written before 0.2
+    assert schedule_from_metadata(meta, "old.onnx").digest() == meta["schedule"]["alphas_cumprod_sha256"]

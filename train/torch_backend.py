@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_ddpm.runtime.schedule import Schedule
+from cxr_ddpm.runtime.metadata import schedule_from_metadata
 
 
 class TorchDenoiser:
@@ -37,7 +37,7 @@ class TorchDenoiser:
         self.meta.setdefault("null_class", ckpt.cfg.model.num_classes or None)
         self.meta.setdefault("self_condition", ckpt.cfg.model.self_condition)
         self.config = ckpt.cfg
-        self.schedule = Schedule.from_config(ckpt.cfg.diffusion)
+        self.schedule = schedule_from_metadata(ckpt.meta, str(path))
         self.provider = provider
         self.self_condition = ckpt.cfg.model.self_condition
         self.null_class = self.meta["null_class"]

@@ -16,8 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CxrError
-from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata
-from ..schedule import Schedule
+from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata, schedule_from_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -81,7 +80,7 @@ class OrtDenoiser:
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         self.meta: dict[str, Any] = parse_metadata(text, str(self.path))
         self.config: Config = config_from_metadata(self.meta, str(self.path))
-        self.schedule = Schedule.from_config(self.config.diffusion)
+        self.schedule = schedule_from_metadata(self.meta, str(self.path))
         self.provider = provider
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = {"x", "t"} - set(self.input_names)

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CxrError
-from ..metadata import config_from_metadata, parse_metadata
+from ..metadata import config_from_metadata, parse_metadata, schedule_from_metadata
 from ..metadata import dumps as meta_dumps
-from ..schedule import Schedule
 
 
 class TrtDenoiser:
@@ -36,7 +35,7 @@ class TrtDenoiser:
             from .tensorrt import TrtEngine
             self.engine = TrtEngine(self.path)
         self.config = config_from_metadata(self.meta, str(self.path))
-        self.schedule = Schedule.from_config(self.config.diffusion)
+        self.schedule = schedule_from_metadata(self.meta, str(self.path))
         self.provider = "tensorrt"
         self.self_condition = bool(self.meta.get("self_condition", self.config.model.self_condition))
         self.null_class = self.meta.get("null_class")
