@@ -14,7 +14,7 @@ from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.cli import main
 from cxr_ddpm.train.dist import resolve_world, slurm_port
 from cxr_ddpm.train.ds_config import build_ds_config, load_stage_file, stage_defaults
-from cxr_ddpm.train.loop import StepSampler
+from cxr_ddpm.train.run import StepSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -167,3 +167,12 @@ def test_find_resume_skips_incomplete_and_prune(tmp_path):
         "step_00000004.safetensors", "step_00000006.safetensors", "step_00000008.safetensors"]
     with pytest.raises(CxrError, match="not found"):
         ckpt.find_resume(run, str(tmp_path / "missing"))
+
+
+def test_sync_interval_follows_step_time():
+    """Ranks sync about every CHECK_S seconds: a stop signal waits at most that long (plus a step)."""
+    from cxr_ddpm.train.loop import CHECK_S, sync_every
+    assert CHECK_S <= 5
+    assert sync_every(0.1) == int(CHECK_S / 0.1)      # fast steps: sync every ~CHECK_S seconds
+    assert sync_every(CHECK_S * 3) == 1               # slow steps: every step
+    assert sync_every(0.0) == 1000                    # and never less often than every 1000 steps

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.checkpoint import load_checkpoint
@@ -56,14 +57,19 @@ def run_ok(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def test_fit_world_size_1(tmp_path, cxr_mini, tiny_cfg):
     out = tmp_path / "run"
     p = run_ok(fit_cmd(cxr_mini, out, "train.steps=4", "train.sample_every=4", "train.sample_steps=3",
-                       "train.num_samples=4"))
+                       "train.num_samples=4", "train.tensorboard=true"))
     assert "fit: done: step 4/4" in p.stderr and "images/s" in p.stderr and "peak memory" in p.stderr
     assert [s for s, _ in losses(out)] == [1, 2, 3, 4]
     assert all(float(v) > 0 for _, v in losses(out))
     ck = load_checkpoint(out / "checkpoints" / "step_00000004.safetensors", config=tiny_cfg)
     assert ck.step == 4 and ck.class_names == ["COVID-19", "Normal"] and ck.ema and ck.online
     assert ck.meta["provenance"]["data_fingerprint"]
-    ck.build_unet(ema=True)
+    assert not all(torch.equal(ck.ema[k], ck.online[k]) for k in ck.ema)     # EMA lags the online weights
+    unet = ck.build_unet(ema=True).state_dict()
+    assert all(torch.equal(unet[k], ck.ema[k]) for k in ck.ema)
+    with open(out / "log.csv", newline="") as f:              # where a step's time goes
+        assert all(0 <= float(r["data_wait_pct"]) <= 100 for r in csv.DictReader(f))
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1     # train.tensorboard
     from PIL import Image
     grid = Image.open(out / "samples" / "step_00000004.png")
     assert grid.mode == "L" and grid.size == (2 + 2 * 34, 2 + 2 * 34)   # 4 samples of 32 px, 2 x 2
@@ -83,7 +89,8 @@ def test_torchrun_two_ranks(tmp_path, cxr_mini, tiny_cfg, stage):
     assert (out / "deepspeed" / "step_00000003" / "rng_rank1.pt").is_file()
     ck = load_checkpoint(out, config=tiny_cfg)
     assert ck.step == 3
-    ck.build_unet(ema=False)
+    unet = ck.build_unet(ema=False).state_dict()
+    assert all(torch.equal(unet[k], ck.online[k]) for k in ck.online)
 
 
 @pytest.mark.slow

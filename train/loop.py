@@ -18,36 +18,28 @@ Design: DeepSpeed wraps only the U-Net. lucidrains' GaussianDiffusion (the
 schedule buffers, q_sample, the loss) stays fp32 outside the engine, because
 DeepSpeed's bf16/fp16 modes cast every parameter and buffer of the module they
 get. With bf16 the U-Net's forward runs under autocast *inside* the engine
-(`AutocastUnet`) and returns fp32 to the loss.
+(`run.AutocastUnet`) and returns fp32 to the loss. The host never waits for the
+GPU inside a step: the loss and the stop flag are read only at check steps (`Clock`).
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
+import contextlib
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
-from cxr_ddpm.runtime.config import Config, load_config
-from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
+from cxr_ddpm.runtime.config import Config, TrainConfig
 
 from . import resume as ckpt
-from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
-from .data import CxrDataset, ImageList, default_num_workers, list_images
-from .dist import World, backend, device, init_process_group, resolve_world
-from .ds_config import build_ds_config
-from .ema import EMA, full_state_dict
-from .model import build_diffusion, build_unet
+from .dist import backend, device, init_process_group
+from .grid import sample_grid
+from .run import Model, RunLog, build_model, make_loader, peak_mem_mib, plan_run, progress_bar, restore
 
-LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]
+CHECK_S = 2.0        # seconds between rank syncs: a stop signal is acted on within about this
 
 
 @dataclass
@@ -59,310 +51,151 @@ class FitResult:
     peak_mem_mib: float
 
 
-class AutocastUnet(torch.nn.Module):
-    """The module DeepSpeed gets: the U-Net, its forward under autocast when training in bf16/fp16."""
-
-    def __init__(self, unet: torch.nn.Module, dtype: torch.dtype | None):
-        super().__init__()
-        self.unet = unet
-        self.dtype = dtype
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        if self.dtype is None:
-            return self.unet(*args, **kwargs)
-        x = args[0]
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            out = self.unet(*args, **kwargs)
-        return out.float()  # the loss and the schedule math stay fp32
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """Endless, resumable index stream for one rank: a fresh permutation per epoch,
-    dealt round-robin to ranks. Position = images this rank has consumed, so resuming
-    at optimizer step s restarts at exactly the batch the interrupted run would have used."""
-
-    def __init__(self, n: int, rank: int, world: int, seed: int, start: int = 0,
-                 weights: np.ndarray | None = None):
-        self.n, self.rank, self.world, self.seed, self.start = n, rank, world, seed, start
-        self.per_epoch = math.ceil(n / world)   # short last share is padded by wrapping around
-        self.p = None if weights is None else weights / weights.sum()
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, pos = divmod(self.start, self.per_epoch)
-        while True:
-            rng = np.random.default_rng([self.seed, epoch])
-            # class-balanced: an epoch is n draws with replacement, each class equally likely
-            perm = rng.permutation(self.n) if self.p is None else rng.choice(self.n, self.n, p=self.p)
-            perm = np.resize(perm, self.per_epoch * self.world)      # wrap to a multiple of world
-            for i in perm[self.rank::self.world][pos:]:
-                yield int(i)
-            epoch, pos = epoch + 1, 0
-
-
-# -----------------------------------------------------------------------------
-
 def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         resume: str | None = None, run_name: str = "run") -> FitResult:
     """Train per `cfg`; returns when cfg.train.steps are done or a stop signal was handled."""
-    t = cfg.train
     # -- 1. everything that can be wrong with the input, before any process group starts
-    world = resolve_world()
-    cuda = torch.cuda.is_available()
-    ds_config = build_ds_config(cfg, world.world_size, cuda)
-    images = list_images(data_dir or cfg.data.root)
-    cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
-    if cfg.model.num_classes and cfg.model.num_classes != len(images.class_names):
-        raise CxrError(f"model.num_classes={cfg.model.num_classes} but {images.root} has "
-                       f"{len(images.class_names)} class folders")
-    run = Path(out_dir) if out_dir else Path("runs") / run_name
-    ensure_writable_dir(run, "run folder")
-    resume_from = ckpt.find_resume(run, resume)
-    _check_same_run(run, cfg, resume_from)
+    plan = plan_run(cfg, data_dir, out_dir, resume, run_name)
+    cfg, world, run, t = plan.cfg, plan.world, plan.run, plan.cfg.train
 
-    # -- 2. processes, seeds, model. The signal flag goes up first: a SIGTERM during the
+    # -- 2. processes, model, data. The signal flag goes up first: a SIGTERM during the
     # slow start-up then costs one step and a save instead of the whole allocation.
     stop = ckpt.StopFlag()
     init_process_group(world)
-    import deepspeed
     import torch.distributed as dist
 
     dev = device()
-    ckpt.seed_everything(t.seed)                   # same initial weights on every rank
-    unet = build_unet(cfg.model)
-    diffusion = build_diffusion(cfg, unet).to(dev)  # fp32 schedule buffers, never seen by DeepSpeed
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    net = AutocastUnet(unet, amp)
-    engine, _, _, scheduler = deepspeed.initialize(model=net, model_parameters=net.parameters(),
-                                                   config=ds_config)
-    diffusion.model = engine                       # lucidrains' p_losses now calls the engine
-    ema = EMA(engine.module.unet, t.ema_decay, t.zero_stage)
-    ckpt.seed_everything(t.seed * 1000 + world.rank)  # different noise and timesteps per rank
-
-    step = 0
-    if resume_from is not None:
-        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
-        step = int(client["step"])
-        ema.load_state_dict(torch.load(resume_from / "ema.pt", weights_only=True))
-        ckpt.load_rank_state(resume_from, world.rank)
-
-    # -- 3. data: this rank's share, starting where the checkpoint stopped
-    per_step = t.micro_batch * t.grad_accum
-    dataset = CxrDataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
-    sampler = StepSampler(len(dataset), world.rank, world.world_size, t.seed, start=step * per_step,
-                          weights=_class_weights(images) if cfg.data.class_balanced else None)
-    workers = default_num_workers(cfg.data.num_workers)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=cuda,
-        generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG stays untouched
-    batches = iter(loader)
-
+    m = build_model(cfg, dev, plan.ds_config, seed=t.seed * 1000 + world.rank)
+    step = restore(m, plan.resume_from, world.rank)
+    batches = make_loader(cfg, plan.images, world, step, plan.cuda)
+    per_step = t.micro_batch * t.grad_accum * world.world_size       # images per optimizer step
+    log = RunLog(run, cfg, step) if world.is_main else None
     if world.is_main:
-        _write_config(run, cfg)
-        log_file, log = _open_log(run, step)
         print(f"fit: {world.world_size} rank(s) [{world.launcher}, {backend()}], ZeRO-{t.zero_stage}, "
-              f"{t.precision}, global batch {per_step * world.world_size}, "
-              f"{len(images.files)} images in {len(images.class_names)} classes, run {run}"
-              + (f", resuming from {resume_from.name}" if resume_from else ""), file=sys.stderr)
-    bar = _progress(world, step, t.steps)
-    train_time, timed_images = 0.0, 0
+              f"{t.precision}, global batch {per_step}, {len(plan.images.files)} images in "
+              f"{len(plan.images.class_names)} classes, run {run}"
+              + (f", resuming from {plan.resume_from.name}" if plan.resume_from else ""), file=sys.stderr)
+    bar = progress_bar(world, step, t.steps)
+    clock = Clock(per_step)
 
-    # -- 4. the loop
+    # -- 3. the loop
     while step < t.steps:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=dev)
-        for _ in range(t.grad_accum):
-            x, y = next(batches)
-            x = x.to(dev, non_blocking=True)
-            if cfg.model.num_classes:
-                loss = diffusion(x, classes=y.to(dev))
-            else:
-                loss = diffusion(x)                # lucidrains: normalize, q_sample, U-Net, weighted MSE
-            engine.backward(loss)
-            engine.step()                          # DeepSpeed steps the optimizer at the accumulation boundary
-            loss_sum += loss.detach().float()
-        ema.update(engine.module.unet)
+        loss = train_step(m, batches, cfg, dev, clock)
+        m.ema.update(m.engine.module.unet)
         step += 1
-        # one collective per step: mean loss over ranks, and whether any rank got a stop signal
-        sync = torch.stack([loss_sum / t.grad_accum, torch.tensor(float(stop.raised), device=dev)])
-        dist.all_reduce(sync)
-        loss_mean, stop_now = sync[0].item() / world.world_size, sync[1].item() > 0
-        dt = time.perf_counter() - t0
-        if step > 1 or t.steps == 1:               # the first step pays for warm-up; keep it out
-            train_time += dt
-            timed_images += per_step * world.world_size
-        ips = timed_images / train_time if train_time else per_step * world.world_size / dt
-        if world.is_main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{ips:.1f}")
-            if step % t.log_every == 0 or step == t.steps or stop_now:
-                gn = engine.get_global_grad_norm()
-                log.writerow([step, f"{loss_mean:.9g}", f"{scheduler.get_last_lr()[0]:.6g}",
-                              "" if gn is None else f"{float(gn):.6g}", f"{ips:.2f}", f"{train_time:.2f}"])
-                log_file.flush()
-        if t.sample_every and step % t.sample_every == 0 and world.is_main:
-            sample_grid(cfg, ema.shadow, run / "samples" / f"step_{step:08d}.png")
-        if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:
-            _save(engine, ema, cfg, images, run, world, step, t.zero_stage, t.keep_last)
+        stop_now = False
+        if clock.due(step, t):                         # every rank checks at the same steps
+            loss_mean, stop_now = clock.sync(step, loss, stop.raised, dev)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{clock.images_per_s:.1f}")
+            if log and (step % t.log_every == 0 or step == t.steps or stop_now):
+                log.row(step, loss_mean, m.scheduler.get_last_lr()[0], m.engine.get_global_grad_norm(),
+                        clock.images_per_s, clock.train_time, clock.data_wait_pct)
+        with clock.paused():                           # sample grids and saves are not training time
+            if t.sample_every and step % t.sample_every == 0 and world.is_main:
+                grid = sample_grid(cfg, m.ema.shadow, run / "samples" / f"step_{step:08d}.png")
+                if log:
+                    log.image(step, grid)
+            if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:
+                ckpt.save_all(m.engine, m.ema, cfg, plan.images, run, world, step)
         if stop_now:
             break
 
-    # -- 5. summary
-    peak = torch.tensor(_peak_mem_mib(), device=dev)
+    # -- 4. summary
+    peak = torch.tensor(peak_mem_mib(), device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     stop.close()
-    ips = timed_images / train_time if train_time else 0.0
-    result = FitResult(run, step, step < t.steps, ips, float(peak))
-    if world.is_main:
+    result = FitResult(run, step, step < t.steps, clock.images_per_s, float(peak))
+    if log:
         bar.close()
-        log_file.close()
-        with atomic_write(run / "summary.json", "w") as f:
-            json.dump({"step": step, "preempted": result.preempted, "images_per_s": ips,
-                       "peak_mem_mib": result.peak_mem_mib, "world_size": world.world_size,
-                       "zero_stage": t.zero_stage, "precision": t.precision,
-                       "global_batch": per_step * world.world_size}, f)
+        log.close({"step": step, "preempted": result.preempted, "images_per_s": result.images_per_s,
+                   "peak_mem_mib": result.peak_mem_mib, "world_size": world.world_size,
+                   "zero_stage": t.zero_stage, "precision": t.precision, "global_batch": per_step})
         why = f"stopped by signal {stop.signum} at" if result.preempted else "done:"
-        print(f"fit: {why} step {step}/{t.steps}, {ips:.1f} images/s, peak memory "
-              f"{result.peak_mem_mib:.0f} MiB/rank ({'GPU' if cuda else 'RSS'})", file=sys.stderr)
+        print(f"fit: {why} step {step}/{t.steps}, {result.images_per_s:.1f} images/s, peak memory "
+              f"{result.peak_mem_mib:.0f} MiB/rank ({'GPU' if plan.cuda else 'RSS'})", file=sys.stderr)
     dist.barrier()
     dist.destroy_process_group()
     return result
 
 
-# -----------------------------------------------------------------------------
-# helpers the loop calls once per save / sample / run
-
-def _save(engine, ema: EMA, cfg: Config, images: ImageList, run: Path, world: World,
-          step: int, zero_stage: int, keep_last: int) -> None:
-    """DeepSpeed checkpoint + EMA + RNG, marked complete last; then the consolidated file."""
-    import torch.distributed as dist
-    ds_root = run / ckpt.DS_DIR
-    tag = ckpt.tag_name(step)
-    engine.save_checkpoint(str(ds_root), tag=tag, client_state={"step": step}, save_latest=False)
-    tag_dir = ds_root / tag
-    ckpt.save_rank_state(tag_dir, world.rank)
-    if world.is_main:
-        with atomic_write(tag_dir / "ema.pt") as f:
-            torch.save(ema.state_dict(), f)
-    debug_sleep = float(os.environ.get("CXR_DEBUG_SAVE_SLEEP", "0"))  # tests: a window to kill -9 mid-save
-    if debug_sleep:
-        time.sleep(debug_sleep)
-    dist.barrier()                                     # every rank's shards are on disk
-    online = full_state_dict(engine.module.unet, zero_stage)  # collective under ZeRO-3
-    # Every rank must hold the same weights; a skipped gradient all-reduce (seen with some
-    # DeepSpeed CPU configs) shows up here as differing digests, recorded in the marker.
-    digests: list[str] = [""] * world.world_size
-    dist.all_gather_object(digests, _digest(online))
-    if world.is_main:
-        if len(set(digests)) > 1:
-            print(f"warning: ranks hold different weights at step {step}: {digests}", file=sys.stderr)
-        ckpt.mark_complete(tag_dir, {"step": step, "world_size": world.world_size,
-                                     "zero_stage": zero_stage, "param_digests": digests})
-        save_checkpoint(run / CKPT_DIR / CKPT_NAME.format(step=step), cfg=cfg, step=step,
-                        class_names=list(images.class_names), ema=ema.shadow, online=online,
-                        data_fingerprint=images.fingerprint(), zero_stage=zero_stage,
-                        world_size=world.world_size)
-        ckpt.prune(run, keep_last)
-    dist.barrier()
+def train_step(m: Model, batches: Iterator, cfg: Config, dev: torch.device, clock: "Clock") -> torch.Tensor:
+    """One optimizer step over train.grad_accum micro-batches; returns the mean loss, on the device."""
+    t = cfg.train
+    fmt = torch.channels_last if t.channels_last else torch.preserve_format
+    loss_sum = torch.zeros((), device=dev)
+    for _ in range(t.grad_accum):
+        t0 = time.perf_counter()
+        x, y = next(batches)                           # blocks only when the loader is behind
+        clock.data_wait += time.perf_counter() - t0
+        x = x.to(dev, non_blocking=True, memory_format=fmt)
+        if cfg.model.num_classes:
+            loss = m.diffusion(x, classes=y.to(dev, non_blocking=True))
+        else:
+            loss = m.diffusion(x)                      # lucidrains: normalize, q_sample, U-Net, weighted MSE
+        m.engine.backward(loss)
+        m.engine.step()                                # DeepSpeed steps the optimizer at the accumulation boundary
+        loss_sum += loss.detach().float()
+    return loss_sum / t.grad_accum
 
 
-def _class_weights(images: ImageList) -> np.ndarray:
-    """Per-image weight 1 / (its class's count): every class is drawn equally often."""
-    counts = np.asarray(images.class_counts(), dtype=np.float64)
-    return 1.0 / counts[np.asarray(images.labels)]
+def sync_every(seconds_per_step: float) -> int:
+    """Steps between rank syncs so that one interval lasts about CHECK_S seconds."""
+    return max(1, min(1000, int(CHECK_S / max(seconds_per_step, 1e-6))))
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].numpy().tobytes())
-    return h.hexdigest()[:16]
+class Clock:
+    """When ranks sync, and the speed figures read there.
 
-
-def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -> Path:
-    """DDIM samples (cfg.train.sample_steps steps, eta 0) from the EMA weights, tiled into one PNG.
-
-    The sampler is the runtime's torch-free `sample_ddim` (the same code `cxr-runtime`
-    samples with) over a `denoise` callable that runs a fresh fp32 copy of the EMA U-Net.
-    Noise comes from its own numpy generator: the training RNG streams are not touched.
+    Reading the loss or the stop flag waits for the GPU and all-reduces across ranks;
+    doing that every step leaves the GPU idle while the host waits. So ranks sync at log
+    steps, the last step, and every `every` steps, with `every` re-derived at each sync
+    from the measured step time so that a stop signal is acted on within ~CHECK_S
+    seconds. `every` comes from an all-reduced time, so every rank picks the same steps.
+    The interval up to the first sync (step 1: warm-up, allocator, autotuning) is not timed.
     """
-    from cxr_ddpm.runtime.outputs import grid_png
-    from cxr_ddpm.runtime.samplers import sample_ddim
-    from cxr_ddpm.runtime.schedule import Schedule
 
-    t, m = cfg.train, cfg.model
-    unet = build_unet(m)
-    unet.load_state_dict(ema_weights)
-    unet = unet.to(device()).eval()
-    # conditional models: one row per class (class k fills row k), no label dropout
-    cols = math.ceil(t.num_samples / m.num_classes) if m.num_classes else math.ceil(math.sqrt(t.num_samples))
-    n = cols * m.num_classes if m.num_classes else t.num_samples
-    classes = torch.arange(n, device=device()) // cols
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.next_sync = 1
+        self.last_step: int | None = None
+        self.last = time.perf_counter()
+        self.data_wait = 0.0           # seconds this rank blocked on the loader since the last sync
+        self.train_time = 0.0          # seconds of timed steps so far
+        self.timed_images = 0
+        self.images_per_s = 0.0
+        self.data_wait_pct = 0.0
 
-    @torch.no_grad()
-    def denoise(x: np.ndarray, tt: np.ndarray, self_cond: np.ndarray | None = None) -> np.ndarray:
-        xt, tt = torch.from_numpy(x).to(device()), torch.from_numpy(tt).to(device())
-        if m.num_classes:
-            return unet(xt, tt, classes, cond_drop_prob=0.0).float().cpu().numpy()
-        sc = None if self_cond is None else torch.from_numpy(self_cond).to(device())
-        return (unet(xt, tt, sc) if m.self_condition else unet(xt, tt)).float().cpu().numpy()
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.last += time.perf_counter() - t0
 
-    x_T = np.random.default_rng(t.seed).standard_normal(            # the same noise every grid
-        (n, m.channels, m.image_size, m.image_size)).astype(np.float32)
-    x0 = sample_ddim(denoise, x_T, Schedule.from_config(cfg.diffusion),
-                     steps=min(t.sample_steps, cfg.diffusion.timesteps),
-                     self_condition=m.self_condition and not m.num_classes)
-    return grid_png(path, list(x0), cols=cols)
+    def due(self, step: int, t: TrainConfig) -> bool:
+        return step >= self.next_sync or step % t.log_every == 0 or step == t.steps
 
+    def sync(self, step: int, loss: torch.Tensor, stop_raised: bool, dev: torch.device) -> tuple[float, bool]:
+        """All-reduce (loss, stop flag, elapsed); returns (mean loss over ranks, stop now)."""
+        import torch.distributed as dist
+        now = time.perf_counter()
+        elapsed = now - self.last
+        vals = torch.stack([loss, torch.tensor(float(stop_raised), device=dev),
+                            torch.tensor(elapsed, device=dev)])
+        dist.all_reduce(vals)
+        loss_sum, stops, elapsed_sum = vals.tolist()   # the one host sync of the interval
+        world = dist.get_world_size()
+        elapsed = elapsed_sum / world
+        steps = step - (self.last_step or 0)
+        if self.last_step is not None:
+            self.train_time += elapsed
+            self.timed_images += steps * self.images_per_step
+        self.images_per_s = (self.timed_images / self.train_time if self.train_time
+                             else steps * self.images_per_step / max(elapsed, 1e-9))
+        self.data_wait_pct = 100.0 * self.data_wait / max(now - self.last, 1e-9)
+        self.next_sync = step + sync_every(elapsed / steps)
+        self.last, self.last_step, self.data_wait = now, step, 0.0
+        return loss_sum / world, stops > 0
 
-def _check_same_run(run: Path, cfg: Config, resume_from: Path | None) -> None:
-    """Resuming with another model or schedule would fail deep inside DeepSpeed; say it plainly.
-    A fresh start into a folder that holds checkpoints would mix two runs; refuse that too."""
-    saved = run / "config.yaml"
-    if resume_from is None and ckpt.complete_checkpoints(run / ckpt.DS_DIR):
-        raise CxrError(f"{run}: run folder already holds checkpoints; pass --resume auto to continue "
-                       "it or choose another --out")
-    if resume_from is not None and saved.is_file():
-        old = load_config(saved)
-        if old.digest() != cfg.digest():
-            raise CxrError(f"{saved}: this run was trained with a different model/diffusion config; "
-                           "resume it with the same config or use another --out")
-
-
-def _write_config(run: Path, cfg: Config) -> None:
-    import yaml
-    with atomic_write(run / "config.yaml", "w") as f:
-        f.write("# resolved config of this run (defaults + file + --set overrides)\n")
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-
-
-def _open_log(run: Path, step: int) -> tuple:
-    """CSV loss log; on resume, rows after the checkpoint's step are dropped (they will be redone)."""
-    path = run / "log.csv"
-    rows = []
-    if step and path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f)][1:]
-        rows = [r for r in rows if r and int(r[0]) <= step]
-    with atomic_write(path, "w") as f:
-        w = csv.writer(f)
-        w.writerow(LOG_FIELDS)
-        w.writerows(rows)
-    f = open(path, "a", newline="")
-    return f, csv.writer(f)
-
-
-def _progress(world: World, step: int, total: int):
-    from tqdm import tqdm
-    tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=step, desc="train", unit="step", disable=not world.is_main,
-                mininterval=0.5 if tty else 30.0, dynamic_ncols=True)
-
-
-def _peak_mem_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    from cxr_ddpm.runtime.sampling import peak_rss_mib   # VmHWM: not inherited from the launcher
-    return peak_rss_mib()

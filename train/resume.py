@@ -14,11 +14,14 @@ never resumed from and is deleted at the next successful save. DeepSpeed's own
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write
 
-from .checkpoint import CKPT_DIR
+from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
+from .ema import full_state_dict
 
 DS_DIR = "deepspeed"
 MARKER = "COMPLETE"
@@ -101,6 +106,50 @@ def prune(run_dir: Path, keep_last: int) -> None:
         m = re.match(r"step_(\d+)\.safetensors$", f.name)
         if m and int(m.group(1)) < oldest_kept:
             f.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# saving: every rank's shards, then the marker, then the consolidated file
+
+def save_all(engine: Any, ema: Any, cfg: Config, images: Any, run: Path, world: Any, step: int) -> None:
+    """DeepSpeed checkpoint + EMA + RNG, marked complete last; then the consolidated file."""
+    import torch.distributed as dist
+    ds_root = run / DS_DIR
+    tag = tag_name(step)
+    engine.save_checkpoint(str(ds_root), tag=tag, client_state={"step": step}, save_latest=False)
+    tag_dir = ds_root / tag
+    save_rank_state(tag_dir, world.rank)
+    if world.is_main:
+        with atomic_write(tag_dir / "ema.pt") as f:
+            torch.save(ema.state_dict(), f)
+    debug_sleep = float(os.environ.get("CXR_DEBUG_SAVE_SLEEP", "0"))  # tests: a window to kill -9 mid-save
+    if debug_sleep:
+        time.sleep(debug_sleep)
+    dist.barrier()                                     # every rank's shards are on disk
+    online = full_state_dict(engine.module.unet, cfg.train.zero_stage)  # collective under ZeRO-3
+    # Every rank must hold the same weights; a skipped gradient all-reduce (seen with some
+    # DeepSpeed CPU configs) shows up here as differing digests, recorded in the marker.
+    digests: list[str] = [""] * world.world_size
+    dist.all_gather_object(digests, param_digest(online))
+    if world.is_main:
+        if len(set(digests)) > 1:
+            print(f"warning: ranks hold different weights at step {step}: {digests}", file=sys.stderr)
+        mark_complete(tag_dir, {"step": step, "world_size": world.world_size,
+                                "zero_stage": cfg.train.zero_stage, "param_digests": digests})
+        save_checkpoint(run / CKPT_DIR / CKPT_NAME.format(step=step), cfg=cfg, step=step,
+                        class_names=list(images.class_names), ema=ema.shadow, online=online,
+                        data_fingerprint=images.fingerprint(), zero_stage=cfg.train.zero_stage,
+                        world_size=world.world_size)
+        prune(run, cfg.train.keep_last)
+    dist.barrier()
+
+
+def param_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
