@@ -4,7 +4,7 @@
     res.exporter, res.opset, res.report.table()
 
 The graph is `out = unet(x[B,1,H,W], t[B])` (+ `x_self_cond`, + `class` when the
-model has them; see DenoiserWrapper), batch axis "B" dynamic. Steps: load the
+model has them; see train.model.Denoiser), batch axis "B" dynamic. Steps: load the
 checkpoint -> trace with torch.onnx's dynamo exporter (legacy TorchScript exporter
 as fallback) -> attach the metadata JSON -> optional fp16 conversion (fp32 I/O)
 -> onnx.checker -> save to a temp file beside the target -> ORT-vs-PyTorch parity
@@ -29,6 +29,7 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
+from cxr_ddpm.train.model import Denoiser
 
 from .verify import VerifyReport, check_parity, default_tolerance
 
@@ -37,33 +38,6 @@ MAX_OPSET = 23          # newest opset torch 2.14's exporter emits
 DEFAULT_OPSET = 18      # GroupNormalization-capable, parsed by TensorRT 10/11 and ORT >= 1.14
 DEFAULT_BATCH = (1, 4, 16)
 EXPORTERS = ("dynamo", "legacy")
-
-
-class DenoiserWrapper(torch.nn.Module):
-    """lucidrains' Unet as f(x, t[, x_self_cond][, class]) with ONNX-friendly inputs.
-
-    `t` arrives as int64 and is cast here (lucidrains feeds its long timesteps into a
-    float sinusoidal embedding, same values). `class == num_classes` is the null
-    (unconditional) label for classifier-free guidance: it selects the U-Net's
-    learned null embedding through `cond_keep_mask`, so one graph serves both passes.
-    """
-
-    def __init__(self, unet: torch.nn.Module, cfg: Config) -> None:
-        super().__init__()
-        self.unet = unet.eval()
-        self.num_classes = cfg.model.num_classes
-        self.self_condition = cfg.model.self_condition and self.num_classes == 0
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        time = t.to(torch.float32)
-        if self.num_classes > 0:
-            cls = extra[0]
-            keep = cls < self.num_classes                      # (B,) False -> null embedding
-            return self.unet(x, time, classes=cls.clamp(max=self.num_classes - 1),
-                             cond_drop_prob=0.0, cond_keep_mask=keep)
-        if self.self_condition:
-            return self.unet(x, time, extra[0])
-        return self.unet(x, time)
 
 
 def io_spec(cfg: Config) -> dict[str, Any]:
@@ -127,7 +101,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
     out = Path(out) if out is not None else default_onnx_path(ck, precision)
     ensure_writable_dir(out.parent or Path("."))
     unet = ck.build_unet(ema=ema)
-    wrapper = DenoiserWrapper(unet, cfg).eval()
+    wrapper = Denoiser(unet, cfg.model).eval()
     spec = io_spec(cfg)
 
     model, used = export_graph(wrapper, cfg, spec, opset, exporter, log)
@@ -154,7 +128,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
                         doc, report)
 
 
-def export_graph(wrapper: DenoiserWrapper, cfg: Config, spec: dict[str, Any], opset: int,
+def export_graph(wrapper: Denoiser, cfg: Config, spec: dict[str, Any], opset: int,
                  exporter: str, log: Any) -> tuple[onnx.ModelProto, str]:
     """Trace to an in-memory ModelProto; dynamo first, legacy TorchScript exporter as fallback."""
     example = example_inputs(cfg, spec, batch=2)   # batch 2: a batch of 1 would be specialised away

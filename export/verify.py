@@ -161,8 +161,8 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
     from cxr_ddpm.runtime.engine_file import is_engine_file, read_engine_header
     from cxr_ddpm.runtime.metadata import read_onnx_metadata
     from cxr_ddpm.train.checkpoint import load_checkpoint
+    from cxr_ddpm.train.model import Denoiser
 
-    from .onnx_export import DenoiserWrapper
     artifact = Path(artifact)
     if not artifact.exists():
         raise CxrError(f"{artifact}: artifact not found")
@@ -176,7 +176,7 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
                        f"sha256 {ck.sha256[:12]}...)")
     if ck.cfg.to_dict()["model"] != meta["config"]["model"]:
         raise CxrError(f"{artifact}: its model config differs from the checkpoint's ({ck.path})")
-    wrapper = DenoiserWrapper(ck.build_unet(ema=src.get("weights", "ema") == "ema"), ck.cfg)
+    wrapper = Denoiser(ck.build_unet(ema=src.get("weights", "ema") == "ema"), ck.cfg.model)
     io = meta["io"]
     if engine:
         trt = meta["tensorrt"]

@@ -10,7 +10,7 @@ import torch
 from cxr_ddpm.runtime.config import Config
 
 from .dist import device
-from .model import build_unet
+from .model import Denoiser, build_unet
 
 
 def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -> Path:
@@ -27,7 +27,7 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
     t, m = cfg.train, cfg.model
     unet = build_unet(m)
     unet.load_state_dict(ema_weights)
-    unet = unet.to(device()).eval()
+    net = Denoiser(unet, m).to(device()).eval()
     # conditional models: one row per class (class k fills row k), no label dropout
     cols = math.ceil(t.num_samples / m.num_classes) if m.num_classes else math.ceil(math.sqrt(t.num_samples))
     n = cols * m.num_classes if m.num_classes else t.num_samples
@@ -36,10 +36,8 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
     @torch.no_grad()
     def denoise(x: np.ndarray, tt: np.ndarray, self_cond: np.ndarray | None = None) -> np.ndarray:
         xt, tt = torch.from_numpy(x).to(device()), torch.from_numpy(tt).to(device())
-        if m.num_classes:
-            return unet(xt, tt, classes, cond_drop_prob=0.0).float().cpu().numpy()
         sc = None if self_cond is None else torch.from_numpy(self_cond).to(device())
-        return (unet(xt, tt, sc) if m.self_condition else unet(xt, tt)).float().cpu().numpy()
+        return net(xt, tt, classes if m.num_classes else sc).float().cpu().numpy()
 
     x_T = np.random.default_rng(t.seed).standard_normal(            # the same noise every grid
         (n, m.channels, m.image_size, m.image_size)).astype(np.float32)

@@ -27,6 +27,36 @@ def build_unet(m: ModelConfig) -> torch.nn.Module:
                 attn_dim_head=m.attn_dim_head, attn_heads=m.attn_heads, dropout=m.dropout)
 
 
+class Denoiser(torch.nn.Module):
+    """lucidrains' Unet as out = f(x, t[, x_self_cond | class]): the one place its call
+    convention lives (ONNX export traces this module; the PyTorch backend and the training
+    sample grids call it).
+
+    `t` arrives as int64 and is cast here (lucidrains feeds its long timesteps into a
+    float sinusoidal embedding: same values). `class == num_classes` is the null
+    (unconditional) label for classifier-free guidance: it selects the U-Net's learned
+    null embedding through `cond_keep_mask`, so one call (or one graph) serves both passes.
+    """
+
+    def __init__(self, unet: torch.nn.Module, m: ModelConfig) -> None:
+        super().__init__()
+        self.unet = unet
+        self.num_classes = m.num_classes
+        self.self_condition = m.self_condition and m.num_classes == 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor | None) -> torch.Tensor:
+        time = t.to(torch.float32)
+        if self.num_classes > 0:
+            cls = extra[0] if extra and extra[0] is not None else torch.full(
+                (x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            keep = cls < self.num_classes                      # (B,) False -> null embedding
+            return self.unet(x, time, classes=cls.clamp(max=self.num_classes - 1),
+                             cond_drop_prob=0.0, cond_keep_mask=keep)
+        if self.self_condition:
+            return self.unet(x, time, extra[0] if extra else None)
+        return self.unet(x, time)
+
+
 def schedule_kwargs(d: DiffusionConfig) -> dict:
     if d.beta_schedule == "cosine":
         return {"s": d.cosine_s}
@@ -57,6 +87,3 @@ def build_diffusion(cfg: Config, unet: torch.nn.Module | None = None) -> Gaussia
                        "denoising_diffusion_pytorch builds for this model; use its defaults")
     return diffusion
 
-
-def count_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -23,6 +23,7 @@ class TorchDenoiser:
         import torch
 
         from cxr_ddpm.train.checkpoint import load_checkpoint
+        from cxr_ddpm.train.model import Denoiser
         from cxr_ddpm.runtime.errors import CxrError
 
         if provider not in ("cpu", "cuda"):
@@ -43,19 +44,14 @@ class TorchDenoiser:
         self.null_class = self.meta["null_class"]
         self.device = torch.device(provider)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.unet = ckpt.build_unet(ema=ema).to(self.device, memory_format=self.memory_format)
+        unet = ckpt.build_unet(ema=ema).to(self.device, memory_format=self.memory_format)
+        self.net = Denoiser(unet, ckpt.cfg.model)
         self._torch = torch
 
     def call_torch(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         torch = self._torch
-        with torch.inference_mode():
-            n = self.config.model.num_classes
-            if n > 0:       # same convention as the ONNX graph: class id n = the null class
-                if classes is None:
-                    classes = torch.full((x.shape[0],), n, dtype=torch.long, device=x.device)
-                return self.unet(x, t, classes=classes.clamp(max=n - 1), cond_drop_prob=0.0,
-                                 cond_keep_mask=classes < n)
-            return self.unet(x, t, x_self_cond) if self.self_condition else self.unet(x, t)
+        with torch.inference_mode():      # the ONNX graph's convention: class id n = the null class
+            return self.net(x, t, classes if self.config.model.num_classes else x_self_cond)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, x_self_cond: np.ndarray | None = None,
                  classes: np.ndarray | None = None) -> np.ndarray:
