@@ -27,6 +27,7 @@ import torch
 from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir
+from cxr_ddpm.runtime.interface import io_spec, random_inputs
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
 from cxr_ddpm.train.model import Denoiser
@@ -38,18 +39,6 @@ MAX_OPSET = 23          # newest opset torch 2.14's exporter emits
 DEFAULT_OPSET = 18      # GroupNormalization-capable, parsed by TensorRT 10/11 and ORT >= 1.14
 DEFAULT_BATCH = (1, 4, 16)
 EXPORTERS = ("dynamo", "legacy")
-
-
-def io_spec(cfg: Config) -> dict[str, Any]:
-    """Input/output names, dtypes and shapes as stored in the metadata ("B" = dynamic batch)."""
-    hw = cfg.model.image_size
-    img = ["B", cfg.model.channels, hw, hw]
-    inputs = [{"name": "x", "dtype": "float32", "shape": img}, {"name": "t", "dtype": "int64", "shape": ["B"]}]
-    if cfg.model.num_classes > 0:
-        inputs.append({"name": "class", "dtype": "int64", "shape": ["B"]})
-    elif cfg.model.self_condition:
-        inputs.append({"name": "x_self_cond", "dtype": "float32", "shape": img})
-    return {"inputs": inputs, "outputs": [{"name": "out", "dtype": "float32", "shape": img}]}
 
 
 @dataclass
@@ -102,7 +91,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
     ensure_writable_dir(out.parent or Path("."))
     unet = ck.build_unet(ema=ema)
     wrapper = Denoiser(unet, cfg.model).eval()
-    spec = io_spec(cfg)
+    spec = io_spec(cfg.model)
 
     model, used = export_graph(wrapper, cfg, spec, opset, exporter, log)
     weights = "ema" if (ema and ck.ema is not None) else "online"
@@ -150,17 +139,9 @@ def export_graph(wrapper: Denoiser, cfg: Config, spec: dict[str, Any], opset: in
 
 
 def example_inputs(cfg: Config, spec: dict[str, Any], batch: int) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    tensors = []
-    for s in spec["inputs"]:
-        shape = [batch if d == "B" else d for d in s["shape"]]
-        if s["name"] == "t":
-            tensors.append(torch.randint(0, cfg.diffusion.timesteps, shape, generator=g))
-        elif s["name"] == "class":
-            tensors.append(torch.randint(0, cfg.model.num_classes + 1, shape, generator=g))
-        else:
-            tensors.append(torch.randn(shape, generator=g))
-    return tuple(tensors)
+    feeds = random_inputs(spec, batch, timesteps=cfg.diffusion.timesteps, num_classes=cfg.model.num_classes,
+                          seed=0)
+    return tuple(torch.from_numpy(feeds[s["name"]]) for s in spec["inputs"])
 
 
 def _export_dynamo(wrapper: torch.nn.Module, example: tuple, names: list[str], opset: int) -> onnx.ModelProto:

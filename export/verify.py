@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.interface import io_spec, random_inputs
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -73,22 +74,6 @@ class VerifyReport:
                 "rows": [r.__dict__ for r in self.rows]}
 
 
-def make_feeds(cfg: Config, io: dict[str, Any], batch: int, timestep: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for s in io["inputs"]:
-        shape = [batch if d == "B" else int(d) for d in s["shape"]]
-        if s["name"] == "t":
-            feeds["t"] = np.full(shape, timestep, np.int64)
-        elif s["name"] == "class":          # every label plus the null label
-            feeds["class"] = np.arange(batch, dtype=np.int64) % (cfg.model.num_classes + 1)
-        elif s["name"] == "x_self_cond":
-            feeds[s["name"]] = np.clip(rng.standard_normal(shape) * 0.5, -1, 1).astype(np.float32)
-        else:
-            feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
 def torch_runner(wrapper: Any, io: dict[str, Any]) -> Runner:
     import torch
     names = [s["name"] for s in io["inputs"]]
@@ -137,7 +122,8 @@ def run_parity(run: Runner, reference: Runner, cfg: Config, io: dict[str, Any], 
     cases = [(t, b) for t in (timesteps or default_timesteps(cfg.diffusion.timesteps)) for b in batches]
     rows = []
     for i, (t, b) in enumerate(tqdm(cases, desc=f"verify {backend}", unit="case", leave=False)):
-        feeds = make_feeds(cfg, io, b, t, seed + i)
+        feeds = random_inputs(io, b, timesteps=cfg.diffusion.timesteps, num_classes=cfg.model.num_classes,
+                              seed=seed + i, timestep=t)
         max_abs, rel = compare(reference(feeds), run(feeds))
         rows.append(Row(t, b, max_abs, rel, rel <= tol))
     return VerifyReport(rows, tol, precision, backend)
@@ -147,8 +133,7 @@ def check_parity(onnx_path: str | Path, wrapper: Any, cfg: Config, *, precision:
                  batches: tuple[int, ...] = (1, 3), tol: float | None = None, source: str | None = None,
                  provider: str = "cpu", timesteps: tuple[int, ...] | None = None) -> VerifyReport:
     """ORT (on `onnx_path`) vs the PyTorch `wrapper`: the check export_onnx runs before renaming."""
-    from .onnx_export import io_spec
-    io = io_spec(cfg)
+    io = io_spec(cfg.model)
     return run_parity(ort_runner(onnx_path, provider), torch_runner(wrapper, io), cfg, io,
                       precision=precision, batches=batches, backend=f"onnxruntime-{provider}",
                       tol=tol if tol is not None else default_tolerance(precision), timesteps=timesteps)

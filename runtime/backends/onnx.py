@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CxrError
+from ..interface import model_inputs
 from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata, schedule_from_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -92,17 +93,7 @@ class OrtDenoiser:
         self._binding = provider != "cpu"
 
     def feeds(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> dict[str, Any]:
-        xp = np if isinstance(x, np.ndarray) else _cupy()
-        feeds = {"x": xp.ascontiguousarray(x, dtype=xp.float32),
-                 "t": xp.ascontiguousarray(t, dtype=xp.int64)}
-        if self.self_condition:
-            feeds["x_self_cond"] = (xp.zeros_like(feeds["x"]) if x_self_cond is None
-                                    else xp.ascontiguousarray(x_self_cond, dtype=xp.float32))
-        if "class" in self.input_names:
-            if classes is None:  # unconditional samples from a conditional model: the null class
-                classes = xp.full((x.shape[0],), self.null_class, dtype=xp.int64)
-            feeds["class"] = xp.ascontiguousarray(classes, dtype=xp.int64)
-        return feeds
+        return model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
 
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         feeds = self.feeds(x, t, x_self_cond, classes)

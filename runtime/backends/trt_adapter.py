@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..errors import CxrError
+from ..interface import model_inputs
 from ..metadata import config_from_metadata, parse_metadata, schedule_from_metadata
 from ..metadata import dumps as meta_dumps
 
@@ -44,13 +44,7 @@ class TrtDenoiser:
         self._batch: int | None = None
 
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
-        xp = np if isinstance(x, np.ndarray) else __import__("cupy")
-        feeds = {"x": xp.ascontiguousarray(x, dtype=xp.float32), "t": xp.ascontiguousarray(t, dtype=xp.int64)}
-        if "x_self_cond" in self.input_names:
-            feeds["x_self_cond"] = xp.zeros_like(feeds["x"]) if x_self_cond is None else x_self_cond
-        if "class" in self.input_names:
-            feeds["class"] = (xp.full((x.shape[0],), self.null_class, dtype=xp.int64)
-                              if classes is None else xp.asarray(classes, dtype=xp.int64))
+        feeds = model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
         if self._batch != x.shape[0]:
             self.engine.allocate(int(x.shape[0]))
             if self.cuda_graph and hasattr(self.engine, "capture_graph"):
