@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from ..errors import CxrError
 from ..interface import model_inputs
 from ..metadata import config_from_metadata, parse_metadata, schedule_from_metadata
