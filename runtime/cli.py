@@ -198,6 +198,17 @@ def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | No
     return rec
 
 
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@cli_errors
+def manifest(out: Path) -> None:
+    """Merge the shard records of a sample folder (slurm/sample.sh) into samples.json + manifest.csv."""
+    from .shards import MANIFEST, merge
+    rec = merge(out)
+    click.echo(f"{out}: {len(rec['files'])} images" + (f" from {rec['shards']} shards" if rec.get("shards") else "")
+               + f", request {rec['request_sha256'][:12]}; wrote {out / 'samples.json'} and {out / MANIFEST}")
+
+
 @main.command("bench-worker", hidden=True)
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--batch-size", type=int, default=1)
