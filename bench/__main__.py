@@ -29,8 +29,8 @@ def run_section(name: str, out: Path, quick: bool) -> Path:
         return (accuracy.run(out, n=2, grid=(("ddim", 5), ("dpmpp-2m", 5)), train_steps=20) if quick
                 else accuracy.run(out))
     if name == "train":
-        return (train.run(out, ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=4) if quick
-                else train.run(out))
+        return (train.run(out, ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=4,
+                          overhead_variants=()) if quick else train.run(out))
     if name == "guidance":
         return (guidance.run(out, models=(("tiny", 32),), batches=(2,), runs=2) if quick
                 else guidance.run(out))

@@ -19,6 +19,10 @@ from typing import Any, Sequence
 from .common import ROOT, figure, md_table, save_png, write_section
 
 NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
+OVERHEAD_VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cxr-train fit (DeepSpeed, EMA, loader)", ()),
+    ("  + train.channels_last", ("train.channels_last=true",)),
+)
 
 
 def fit_cmd(config: str | Path, data: str | Path, out: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
@@ -54,6 +58,48 @@ def run_one(config: str, data: str, stage: int, precision: str, out: Path, *, ra
             "global_batch": s["global_batch"], "wall_s": s["wall_s"]}
 
 
+def plain_torch_images_per_s(config: str, *, micro_batch: int, steps: int, threads: int) -> float:
+    """The floor: lucidrains' GaussianDiffusion + torch AdamW on one in-memory batch, no
+    DeepSpeed, no EMA, no loader, no logging. fit's rate divided by this is its per-step overhead."""
+    import torch
+
+    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.model import build_diffusion
+    cfg = load_config(config)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    diffusion = build_diffusion(cfg)
+    opt = torch.optim.AdamW(diffusion.model.parameters(), lr=1e-4)
+    x = torch.rand(micro_batch, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    for i in range(steps + 1):
+        if i == 1:                                      # the first step pays for warm-up
+            t0 = time.perf_counter()
+        loss = diffusion(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return micro_batch * steps / (time.perf_counter() - t0)
+
+
+def step_overhead(config: str, data: str, tmp: Path, *, micro_batch: int, steps: int, threads: int,
+                  variants: Sequence[tuple[str, Sequence[str]]]) -> list[dict[str, Any]]:
+    """One rank, fp32: fit's images/s per variant next to the plain-PyTorch floor, as ratios."""
+    floor = plain_torch_images_per_s(config, micro_batch=micro_batch, steps=steps, threads=threads)
+    rows = [{"variant": "plain PyTorch step (floor)", "images_per_s": round(floor, 2), "vs_floor": 1.0}]
+    base = [f"train.steps={steps + 1}", f"train.micro_batch={micro_batch}", "train.zero_stage=0",
+            "train.sample_every=0", "train.save_every=0", f"train.log_every={steps + 1}", "train.warmup_steps=1"]
+    for name, sets in variants:
+        s = run_fit(config, data, tmp / f"oh-{len(rows)}", ranks=1, threads=threads, overrides=[*base, *sets])
+        row: dict[str, Any] = {"variant": name}
+        if "error" in s:
+            row["error"] = s["error"]
+        else:
+            row.update(images_per_s=round(s["images_per_s"], 2), vs_floor=round(s["images_per_s"] / floor, 3))
+        print(f"  overhead {name}: {row.get('images_per_s', row.get('error'))}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     fig, ax = figure(6, 3.5)
     ok = [r for r in rows if "images_per_s" in r]
@@ -67,9 +113,14 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 def run(out: Path, *, config: str = str(ROOT / "configs" / "tiny.yaml"), data: str = str(ROOT / "data" / "cxr-sample"),
         ranks: int = 2, threads: int = 1, global_batch: int = 16, steps: int = 5,
-        stages: Sequence[int] = (0, 1, 2, 3), precisions: Sequence[str] = ("fp32", "bf16")) -> Path:
+        stages: Sequence[int] = (0, 1, 2, 3), precisions: Sequence[str] = ("fp32", "bf16"),
+        overhead_variants: Sequence[tuple[str, Sequence[str]]] = OVERHEAD_VARIANTS) -> Path:
     rows = []
+    overhead: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        if overhead_variants:
+            overhead = step_overhead(config, data, Path(tmp), micro_batch=global_batch // ranks,
+                                     steps=max(steps, 20), threads=threads, variants=overhead_variants)
         for precision in precisions:
             for stage in stages:
                 row = run_one(config, data, stage, precision, Path(tmp) / f"z{stage}-{precision}", ranks=ranks,
@@ -81,10 +132,16 @@ def run(out: Path, *, config: str = str(ROOT / "configs" / "tiny.yaml"), data: s
         if "images_per_s" in r and r["precision"] in base:
             r["vs_ddp"] = round(r["images_per_s"] / base[r["precision"]], 3)
     doc = {"config": Path(config).name, "ranks": ranks, "threads_per_rank": threads, "global_batch": global_batch,
-           "steps": steps, "timing": f"{steps} steps, first excluded (fit's own summary.json)", "rows": rows}
+           "steps": steps, "timing": f"{steps} steps, first excluded (fit's own summary.json)", "rows": rows,
+           "overhead": overhead}
     plot(rows, out / "train.png")
     md = (f"## Training throughput ({ranks} CPU ranks, gloo, {Path(config).name}, global batch {global_batch}, "
           f"{steps} steps, first excluded)\n\n" + md_table(rows, [
               ("mode", "mode"), ("precision", "precision"), ("images_per_s", "images/s"), ("vs_ddp", "vs DDP"),
               ("peak_mem_mib_per_rank", "peak MiB/rank"), ("error", "error")]))
+    if overhead:
+        md += (f"\n\n### Per-step overhead (1 rank, fp32, micro-batch {global_batch // ranks}, "
+               f"{max(steps, 20)} steps)\n\n" + md_table(overhead, [
+                   ("variant", "variant"), ("images_per_s", "images/s"), ("vs_floor", "vs plain PyTorch"),
+                   ("error", "error")]))
     return write_section(out, "train", doc, md)

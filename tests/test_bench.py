@@ -106,8 +106,13 @@ def test_gpu_section_pending_without_cuda(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_section_one_rank(tmp_path: Path, cxr_mini: Path) -> None:
-    train.run(tmp_path, data=str(cxr_mini), ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=2)
-    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    train.run(tmp_path, data=str(cxr_mini), ranks=1, steps=2, stages=(0,), precisions=("fp32",), global_batch=2,
+              overhead_variants=(("fit", ()),))
+    doc = json.loads((tmp_path / "train.json").read_text())
+    floor, fit = doc["overhead"]
+    assert floor["images_per_s"] > 0 and fit["vs_floor"] == pytest.approx(fit["images_per_s"] / floor["images_per_s"],
+                                                                           rel=0.01)
+    rows = doc["rows"]
     assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["peak_mem_mib_per_rank"] > 0, rows
 
 
