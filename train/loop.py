@@ -42,10 +42,11 @@ from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 from . import resume as ckpt
 from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
 from .data import CxrDataset, ImageList, default_num_workers, list_images
-from .dist import World, backend, device, init_process_group, resolve_world
+from .dist import (World, backend, check_gpus_per_node, device, init_process_group, local_world_size,
+                   resolve_world, use_cuda)
 from .ds_config import build_ds_config
 from .ema import EMA, full_state_dict
-from .model import build_diffusion, build_unet
+from .model import attention_summary, build_diffusion, build_unet, cuda_capability
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]
 
@@ -107,7 +108,9 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     t = cfg.train
     # -- 1. everything that can be wrong with the input, before any process group starts
     world = resolve_world()
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()                              # CXR_DEVICE=cpu forces CPU on a GPU machine
+    if cuda:
+        check_gpus_per_node(local_world_size(dict(os.environ), world), torch.cuda.device_count())
     ds_config = build_ds_config(cfg, world.world_size, cuda)
     images = list_images(data_dir or cfg.data.root)
     cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
@@ -153,7 +156,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     workers = default_num_workers(cfg.data.num_workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=cuda,
+        persistent_workers=workers > 0, pin_memory=cuda, worker_init_fn=ckpt.ignore_stop_signals,
         generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG stays untouched
     batches = iter(loader)
 
@@ -162,7 +165,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
         log_file, log = _open_log(run, step)
         print(f"fit: {world.world_size} rank(s) [{world.launcher}, {backend()}], ZeRO-{t.zero_stage}, "
               f"{t.precision}, global batch {per_step * world.world_size}, "
-              f"{len(images.files)} images in {len(images.class_names)} classes, run {run}"
+              f"{len(images.files)} images in {len(images.class_names)} classes, "
+              f"{attention_summary(cfg.model, cuda_capability())}, run {run}"
               + (f", resuming from {resume_from.name}" if resume_from else ""), file=sys.stderr)
     bar = _progress(world, step, t.steps)
     train_time, timed_images = 0.0, 0
@@ -362,7 +366,7 @@ def _progress(world: World, step: int, total: int):
 
 
 def _peak_mem_mib() -> float:
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.cuda.max_memory_allocated() / 2**20
     from cxr_ddpm.runtime.sampling import peak_rss_mib   # VmHWM: not inherited from the launcher
     return peak_rss_mib()

@@ -145,8 +145,11 @@ def seed_everything(seed: int) -> None:
 # SIGTERM on preemption/scancel. The handler only sets a flag; the loop finishes
 # its step, agrees with the other ranks, saves and exits with EXIT_REQUEUE.
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signum: int | None = None
         self._old = {s: signal.signal(s, self._handle) for s in signals}
 
@@ -160,3 +163,12 @@ class StopFlag:
     def close(self) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: Slurm (and `kill -- -PGID`) signal every process of the
+    job, workers included; torch's workers die on SIGTERM and take the trainer down with a
+    traceback before it can save. The main process owns the stop; its workers ignore it
+    (they exit with the main process, which torch's worker watchdog notices)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
