@@ -30,6 +30,7 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write
 
 from .checkpoint import CKPT_DIR
+from .dist import use_cuda
 
 DS_DIR = "deepspeed"
 MARKER = "COMPLETE"
@@ -108,7 +109,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if use_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -117,7 +118,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])
 
 
