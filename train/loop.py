@@ -214,9 +214,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     # -- 5. summary
     peak = torch.tensor(_peak_mem_mib(), device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    stop.close()
-    if step < t.steps:  # saved; exit 75 next. srun (--kill-on-bad-exit: 75 counts as bad) and
-        ckpt.ignore_stop_signals()  # torchrun's agent SIGTERM the other ranks: not mid-exit
+    if step >= t.steps:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
+        stop.close()
     ips = timed_images / train_time if train_time else 0.0
     result = FitResult(run, step, step < t.steps, ips, float(peak))
     if world.is_main:

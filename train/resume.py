@@ -170,6 +170,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: Slurm (and `kill -- -PGID`) signal every process of the
     job, workers included; torch's workers die on SIGTERM and take the trainer down with a
     traceback before it can save. The main process owns the stop; its workers ignore it
-    (they exit with the main process, which torch's worker watchdog notices)."""
+    (they exit with the main process, which torch's worker watchdog notices).
+    Also called by the CLI once a stopped run has saved, right before it exits 75."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
