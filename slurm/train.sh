@@ -29,6 +29,8 @@
 #   start resumes from that checkpoint (--resume auto) in the same run folder.
 #   When the cluster preempts the job (SIGTERM), Slurm requeues it by itself; the
 #   ranks get SIGTERM and save the same way within the cluster's KillWait.
+#   `scancel --signal=TERM JOBID` stops, saves and requeues the same way. Slurm signals
+#   every process of the step; DataLoader workers ignore it (the ranks own the stop).
 #
 #SBATCH --job-name=cxr-ddpm
 #SBATCH --nodes=1

@@ -127,10 +127,11 @@ class SlurmCluster:
         _wait_for(all_idle, timeout, "both slurmd nodes idle (see " + str(r) + "/*.log)")
         return self
 
-    def sbatch(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> tuple[str, int]:
-        """Submit with --parsable --wait; returns (job id, sbatch's exit code)."""
-        p = subprocess.run([_which("sbatch"), "--parsable", "--wait", *args], env=self.env(env), cwd=cwd,
-                           capture_output=True, text=True, timeout=timeout)
+    def sbatch(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600,
+               wait: bool = True) -> tuple[str, int]:
+        """Submit with --parsable (and --wait); returns (job id, sbatch's exit code)."""
+        p = subprocess.run([_which("sbatch"), "--parsable", *(["--wait"] if wait else []), *args],
+                           env=self.env(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
         job = p.stdout.strip().split(";")[0]
         if not job.isdigit():
             raise RuntimeError(f"sbatch did not submit: {p.stderr.strip()}")
@@ -140,6 +141,12 @@ class SlurmCluster:
         """`scontrol show job` as a dict (no accounting here: the record lives MinJobAge seconds)."""
         out = self._run(_which("scontrol"), "show", "job", "-o", job)
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+    def scontrol(self, *args: str) -> str:
+        return self._run(_which("scontrol"), *args)
+
+    def scancel(self, job: str, *args: str) -> None:
+        self._run(_which("scancel"), *args, job)
 
     def stop(self) -> None:
         if (self.root / "slurmctld.pid").is_file():
@@ -207,7 +214,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={sock}
+# a requeued job waits cred_expire (default 120 s) before it starts again
+AuthInfo=socket={sock},cred_expire=10
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/slurmd-%n
 SlurmctldPidFile={dir}/slurmctld.pid

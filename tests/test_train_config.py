@@ -23,7 +23,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 def run_fit(tmp_path: Path, data: Path, *args: str, env: dict | None = None):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["fit", "--config", TINY, "--data", str(data), "--out", str(out), *args],
-                             env={"RANK": None, "WORLD_SIZE": None, "SLURM_STEP_NUM_TASKS": None, **(env or {})})
+                             env={"RANK": None, "WORLD_SIZE": None, "SLURM_STEP_NUM_TASKS": None,
+                                  "CXR_DEVICE": "cpu", **(env or {})})   # CPU even with a GPU visible
     return res, out
 
 

@@ -31,7 +31,8 @@ def env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
          and not k.startswith("SLURM_")}
-    return {**e, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    # these tests mean CPU (gloo), also on a GPU machine
+    return {**e, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def fit_cmd(data: Path, out: Path, *sets: str, resume: str | None = None) -> list[str]:
@@ -114,6 +115,47 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cxr_mini):
     p = run_ok(fit_cmd(cxr_mini, run, *steps, resume="auto"))
     assert f"resuming from {stopped.name}" in p.stderr
     assert losses(run) == losses(ref)            # bit-identical loss sequence, steps 1..16
+
+
+def _wait_for_steps(proc: subprocess.Popen, run: Path, n: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.csv").is_file() and len(losses(run)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach step {n} (exit code {proc.poll()})")
+
+
+@pytest.mark.parametrize("launcher", ["plain", "torchrun"])
+def test_sigterm_to_process_group_with_workers(tmp_path, cxr_mini, launcher):
+    """Slurm signals every process of the step, DataLoader workers included (`kill -- -PGID`).
+    Plain python (as under srun): save, exit 75. torchrun: its agent is signalled too, forwards
+    SIGTERM to the rank and exits non-zero; the rank's checkpoint must still be complete."""
+    run = tmp_path / "run"
+    cmd = fit_cmd(cxr_mini, run, "train.steps=400", "data.num_workers=2", "train.log_every=1")
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=1", "-m", "cxr_ddpm.train.cli", *cmd[1:]]
+    proc = subprocess.Popen(cmd, env=env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_steps(proc, run, 2)
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)               # the group: trainer, workers (and agent)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "DataLoader worker" not in err and "stopped by signal 15" in err, err[-3000:]
+    if launcher == "plain":
+        assert proc.returncode == ckpt.EXIT_REQUEUE, err[-3000:]
+        assert time.time() - t0 < 10                      # acted on (and saved) within 10 s
+    else:
+        assert proc.returncode != 0
+    stopped = ckpt.find_resume(run, "auto")
+    stop_step = int(stopped.name.split("_")[1])
+    assert stop_step >= 2 and (run / "checkpoints" / f"step_{stop_step:08d}.safetensors").is_file()
+    p = run_ok(fit_cmd(cxr_mini, run, f"train.steps={stop_step + 2}", "data.num_workers=2", resume="auto"))
+    assert f"resuming from {stopped.name}" in p.stderr
+    assert [s for s, _ in losses(run)] == list(range(1, stop_step + 3))
 
 
 @pytest.mark.slow

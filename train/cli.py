@@ -73,11 +73,14 @@ def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
     from cxr_ddpm.runtime.config import load_config
 
     from .loop import fit
-    from .resume import EXIT_REQUEUE
+    from .resume import EXIT_REQUEUE, ignore_stop_signals
 
     cfg = load_config(config_path, overrides)
     result = fit(cfg, data_dir=data_dir, out_dir=out_dir, resume=resume, run_name=Path(config_path).stem)
     if result.preempted:
+        # Saved. srun (--kill-on-bad-exit: 75 counts as bad) and torchrun's agent now SIGTERM
+        # the other ranks; ignored, so none dies mid-exit and turns the step's 75 into 143.
+        ignore_stop_signals()
         sys.exit(EXIT_REQUEUE)
 
 

@@ -6,6 +6,9 @@ SLURM_* instead; a plain `cxr-train fit` sets nothing. `resolve_world()` reads
 whichever is there *without* starting a process group (so config errors can be
 reported first), and `init_process_group()` exports the variables and starts it:
 gloo on CPU, nccl on GPU.
+
+CXR_DEVICE=cpu forces CPU (gloo, no CUDA) even where a GPU is visible; every
+train/ decision between CPU and CUDA goes through `use_cuda()`.
 """
 from __future__ import annotations
 
@@ -95,9 +98,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def backend() -> str:
+def wants_cuda(env: dict[str, str], cuda_available: bool) -> bool:
+    """CUDA when torch sees a GPU, unless CXR_DEVICE says cpu (pure: env and torch's answer)."""
+    choice = env.get("CXR_DEVICE", "").strip().lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise CxrError(f"environment variable CXR_DEVICE={choice!r}: use cpu or cuda (or leave it unset)")
+    if choice == "cuda" and not cuda_available:
+        raise CxrError("CXR_DEVICE=cuda but torch sees no CUDA device")
+    return cuda_available and choice != "cpu"
+
+
+def use_cuda() -> bool:
     import torch
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return wants_cuda(dict(os.environ), torch.cuda.is_available())
+
+
+def local_world_size(env: dict[str, str], world: World) -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun), srun's tasks per node, else LOCAL_RANK + 1."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return _int_env("LOCAL_WORLD_SIZE", env)
+    counts = [part.split("(")[0] for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(",")]
+    if world.launcher == "srun" and all(c.isdigit() for c in counts):  # e.g. "4(x2),3"
+        return max(int(c) for c in counts)                             # the most any node runs
+    return world.local_rank + 1
+
+
+def check_gpus_per_node(ranks_per_node: int, gpus: int) -> None:
+    """One GPU per rank: refuse before NCCL, which would fail deep inside with a device error."""
+    if ranks_per_node > gpus:
+        raise CxrError(f"{ranks_per_node} ranks per node but {gpus} CUDA device(s) visible: start at "
+                       f"most {gpus} rank(s) per node (one per GPU), or set CXR_DEVICE=cpu to train on CPU")
+
+
+def backend() -> str:
+    return "nccl" if use_cuda() else "gloo"
 
 
 def init_process_group(world: World) -> str:
@@ -125,6 +159,6 @@ def init_process_group(world: World) -> str:
 
 def device() -> "torch.device":  # noqa: F821 - torch imported lazily
     import torch
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

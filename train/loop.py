@@ -37,6 +37,7 @@ from cxr_ddpm.runtime.config import Config, TrainConfig
 from . import resume as ckpt
 from .dist import backend, device, init_process_group
 from .grid import sample_grid
+from .model import attention_summary, cuda_capability
 from .run import Model, RunLog, build_model, make_loader, peak_mem_mib, plan_run, progress_bar, restore
 
 CHECK_S = 2.0        # seconds between rank syncs: a stop signal is acted on within about this
@@ -73,7 +74,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     if world.is_main:
         print(f"fit: {world.world_size} rank(s) [{world.launcher}, {backend()}], ZeRO-{t.zero_stage}, "
               f"{t.precision}, global batch {per_step}, {len(plan.images.files)} images in "
-              f"{len(plan.images.class_names)} classes, run {run}"
+              f"{len(plan.images.class_names)} classes, {attention_summary(cfg.model, cuda_capability())}, "
+              f"run {run}"
               + (f", resuming from {plan.resume_from.name}" if plan.resume_from else ""), file=sys.stderr)
     bar = progress_bar(world, step, t.steps)
     clock = Clock(per_step)
@@ -104,7 +106,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     # -- 4. summary
     peak = torch.tensor(peak_mem_mib(), device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    stop.close()
+    if step >= t.steps:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
+        stop.close()
     result = FitResult(run, step, step < t.steps, clock.images_per_s, float(peak))
     if log:
         bar.close()

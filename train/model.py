@@ -2,29 +2,103 @@
 
 The schedule lucidrains computes must equal `runtime.schedule` (the one the
 runtime samples with); `build_diffusion` checks that once at construction.
+
+The attention-kernel policy lives here too (`sdpa_backends`): lucidrains' `Attend`
+restricts SDPA to the flash kernel on every GPU above compute capability 8.0, and
+flash has no fp32 kernel, so every fp32 forward (EMA sample grids, the torch
+reference sampler, benchmarks) failed with "No available kernel". `build_unet`
+replaces that choice on every U-Net it builds, so training, sampling and
+benchmarks all get the same policy.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+from denoising_diffusion_pytorch.attend import Attend, AttentionConfig
+from torch.nn.attention import SDPBackend
 
 from cxr_ddpm.runtime.config import Config, DiffusionConfig, ModelConfig
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.schedule import Schedule
 
 
-def build_unet(m: ModelConfig) -> torch.nn.Module:
+# dtypes a U-Net forward may run in: fp32 (sampling, fp32 training), bf16/fp16 (autocast)
+FORWARD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sdpa_backends(dtype: torch.dtype, capability: tuple[int, int]) -> tuple[SDPBackend, ...]:
+    """The SDPA kernels that can run attention in `dtype` on a GPU of this compute capability.
+
+    Flash and cuDNN attention need sm80+ and fp16/bf16; memory-efficient runs fp32 and fp16
+    everywhere and bf16 from sm80; math runs anything, so a forward never finds no kernel.
+    SDPA picks the fastest allowed kernel that accepts the actual inputs.
+    """
+    half = dtype in (torch.float16, torch.bfloat16)
+    ampere = tuple(capability) >= (8, 0)
+    allowed = []
+    if half and ampere:
+        allowed += [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if dtype != torch.bfloat16 or ampere:
+        allowed.append(SDPBackend.EFFICIENT_ATTENTION)
+    allowed.append(SDPBackend.MATH)
+    return tuple(allowed)
+
+
+def attention_config(capability: tuple[int, int],
+                     dtypes: tuple[torch.dtype, ...] = FORWARD_DTYPES) -> AttentionConfig:
+    """What `Attend.cuda_config` holds: every kernel allowed for some dtype the U-Net runs in
+    (one module serves fp32 sampling and bf16 training); SDPA skips those the dtype rules out."""
+    allowed: list[SDPBackend] = []
+    for dtype in dtypes:
+        allowed += [b for b in sdpa_backends(dtype, capability) if b not in allowed]
+    return AttentionConfig(allowed)
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """Compute capability of the current CUDA device; None on CPU (incl. CXR_DEVICE=cpu)."""
+    from .dist import use_cuda
+    return tuple(torch.cuda.get_device_capability()) if use_cuda() else None
+
+
+def apply_attention_policy(unet: torch.nn.Module, capability: tuple[int, int] | None) -> torch.nn.Module:
+    """Set the kernels lucidrains' `Attend` modules read on CUDA (`cuda_config`)."""
+    if capability is not None:
+        for mod in unet.modules():
+            if isinstance(mod, Attend) and mod.flash:
+                mod.cuda_config = attention_config(capability)
+    return unet
+
+
+def build_unet(m: ModelConfig, capability: tuple[int, int] | None | str = "auto") -> torch.nn.Module:
+    """lucidrains' U-Net with our attention policy for `capability` ("auto": this process's GPU)."""
+    if capability == "auto":
+        capability = cuda_capability()
     if m.num_classes > 0:
         from denoising_diffusion_pytorch.classifier_free_guidance import Unet as CondUnet
-        if m.self_condition or m.flash_attn or m.dropout:
-            raise CxrError("model.num_classes > 0 does not support self_condition, flash_attn or dropout")
+        if m.self_condition or m.dropout:
+            raise CxrError("model.num_classes > 0 does not support self_condition or dropout")
+        # flash_attn is accepted and has no effect here: the classifier-free-guidance Unet's
+        # attention is plain einsum (no SDPA), which runs in every dtype on every device.
         return CondUnet(dim=m.dim, num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob,
                         dim_mults=tuple(m.dim_mults), channels=m.channels,
                         attn_dim_head=m.attn_dim_head, attn_heads=m.attn_heads)
-    return Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=m.channels,
+    unet = Unet(dim=m.dim, dim_mults=tuple(m.dim_mults), channels=m.channels,
                 self_condition=m.self_condition, flash_attn=m.flash_attn,
                 attn_dim_head=m.attn_dim_head, attn_heads=m.attn_heads, dropout=m.dropout)
+    return apply_attention_policy(unet, capability)
+
+
+def attention_summary(m: ModelConfig, capability: tuple[int, int] | None) -> str:
+    """One phrase for the start-up line: which attention the U-Net runs."""
+    if m.num_classes > 0:
+        return "einsum attention (conditional U-Net" + ("; model.flash_attn has no effect)" if m.flash_attn else ")")
+    if not m.flash_attn:
+        return "einsum attention"
+    if capability is None:
+        return "SDPA attention (CPU)"
+    names = [b.name.split("_")[0].lower() for b in attention_config(capability).backends]
+    return f"SDPA attention (sm{capability[0]}{capability[1]}: {'/'.join(names)})"
 
 
 class Denoiser(torch.nn.Module):

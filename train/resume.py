@@ -34,6 +34,7 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write
 
 from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
+from .dist import use_cuda
 from .ema import full_state_dict
 
 DS_DIR = "deepspeed"
@@ -157,7 +158,7 @@ def param_digest(state: dict[str, torch.Tensor]) -> str:
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if use_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -166,7 +167,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -194,8 +195,11 @@ def seed_everything(seed: int) -> None:
 # SIGTERM on preemption/scancel. The handler only sets a flag; the loop finishes
 # its step, agrees with the other ranks, saves and exits with EXIT_REQUEUE.
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
 class StopFlag:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signum: int | None = None
         self._old = {s: signal.signal(s, self._handle) for s in signals}
 
@@ -209,3 +213,13 @@ class StopFlag:
     def close(self) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: Slurm (and `kill -- -PGID`) signal every process of the
+    job, workers included; torch's workers die on SIGTERM and take the trainer down with a
+    traceback before it can save. The main process owns the stop; its workers ignore it
+    (they exit with the main process, which torch's worker watchdog notices).
+    Also called by the CLI once a stopped run has saved, right before it exits 75."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -9,6 +9,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 
 from . import resume as ckpt
 from .data import CxrDataset, ImageList, default_num_workers, list_images
-from .dist import World, resolve_world
+from .dist import World, check_gpus_per_node, local_world_size, resolve_world, use_cuda
 from .ds_config import build_ds_config
 from .ema import EMA
 from .model import build_diffusion, build_unet
@@ -47,7 +48,9 @@ def plan_run(cfg: Config, data_dir: str | Path | None, out_dir: str | Path | Non
              run_name: str) -> RunPlan:
     """Everything that can be wrong with the input, before any process group starts."""
     world = resolve_world()
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()                              # CXR_DEVICE=cpu forces CPU on a GPU machine
+    if cuda:
+        check_gpus_per_node(local_world_size(dict(os.environ), world), torch.cuda.device_count())
     ds_config = build_ds_config(cfg, world.world_size, cuda)
     images = list_images(data_dir or cfg.data.root)
     cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
@@ -159,7 +162,7 @@ def make_loader(cfg: Config, images: ImageList, world: World, step: int, cuda: b
     workers = default_num_workers(cfg.data.num_workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=cuda,
+        persistent_workers=workers > 0, pin_memory=cuda, worker_init_fn=ckpt.ignore_stop_signals,
         generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG stays untouched
     return iter(loader)
 
@@ -247,7 +250,7 @@ def progress_bar(world: World, step: int, total: int):
 
 
 def peak_mem_mib() -> float:
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.cuda.max_memory_allocated() / 2**20
     from cxr_ddpm.runtime.sampling import peak_rss_mib   # VmHWM: not inherited from the launcher
     return peak_rss_mib()
