@@ -104,7 +104,7 @@ def test_cuda_fp32_bf16_sample_grid_and_torch_sampler(tmp_path):
     from cxr_ddpm.runtime.samplers import sample_dpmpp_2m
     from cxr_ddpm.runtime.schedule import Schedule
     from cxr_ddpm.train.checkpoint import save_checkpoint
-    from cxr_ddpm.train.loop import sample_grid
+    from cxr_ddpm.train.grid import sample_grid
     from cxr_ddpm.train.torch_backend import TorchDenoiser
 
     cfg = load_config(CXR128, ["train.num_samples=4", "train.sample_steps=3"])
