@@ -12,7 +12,7 @@ from PIL import Image
 
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.outputs import grid_png
-from cxr_ddpm.runtime.sampling import generate
+from cxr_ddpm.runtime.sampling import generate, resolve_request
 from cxr_ddpm.train.data import list_images
 from cxr_ddpm.runtime.imageio import load_resized
 
@@ -27,7 +27,7 @@ den = load_denoiser(args.engine)
 size = den.config.model.image_size
 files = list_images(args.data).files
 real = [load_resized(f, size)[None] * 2 - 1 for f in files[:: max(1, len(files) // 8)][:8]]  # [-1, 1]
-fake = list(generate(den, 16, batch_size=16, sampler="dpmpp-2m", steps=20, seed=0))
+fake = list(generate(den, resolve_request(den, 16, sampler="dpmpp-2m", steps=20, seed=0), batch_size=16))
 grid_png(Path(args.out), real + fake, cols=8)
 img = Image.open(args.out)
 img.resize((img.width * args.zoom, img.height * args.zoom), Image.Resampling.NEAREST).save(args.out)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, cli_errors, require_extra
+from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, OneLineGroup, cli_errors, require_extra
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @cli_errors
 def main() -> None:
     """Export a trained U-Net to ONNX / TensorRT, verified against PyTorch."""

@@ -16,9 +16,10 @@ from typing import Any
 
 import click
 
-from .errors import CxrError, cli_errors
+from .errors import CxrError, OneLineGroup, cli_errors
+from .outputs import FORMATS
+from .samplers import SAMPLERS
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp-2m")
 _engine = click.option("--engine", "engine", required=True, type=click.Path(path_type=Path),
                        help="ONNX model, TensorRT engine (cxr-export) or .safetensors checkpoint")
 _provider = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
@@ -28,7 +29,7 @@ _backend = click.option("--backend", type=click.Choice(["onnx", "tensorrt", "tor
 _threads = click.option("--threads", type=int, default=None, help="CPU threads [default: CPU allowance]")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Sample chest radiographs from exported ONNX / TensorRT engines."""
 
@@ -42,57 +43,86 @@ def _warn_line(message: Any, category: Any, filename: str, lineno: int, file: An
 @_engine
 @click.option("-n", "n", type=int, default=16, show_default=True, help="number of images")
 @click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--sampler", default="dpmpp-2m", show_default=True, help="ddpm | ddim | dpmpp-2m")
+@click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="dpmpp-2m", show_default=True)
 @click.option("--steps", type=int, default=None, help="model calls [default: ddpm T, ddim 50, dpmpp-2m 20]")
-@click.option("--eta", type=float, default=None, help="DDIM noise scale (0 = deterministic) [default: 0]")
+@click.option("--eta", type=float, default=None, help="DDIM noise scale in [0, 1] (0 = deterministic) [default: 0]")
 @click.option("--seed", type=int, default=0, show_default=True, help="image i depends only on (seed, i)")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True)
 @click.option("--grid", type=click.Path(path_type=Path), default=None, help="also write a grid PNG here")
-@click.option("--format", "fmt", type=click.Choice(["png", "png16", "npy", "dcm"]), default="png",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="png", show_default=True)
 @click.option("--class", "class_names", multiple=True, metavar="NAME",
               help="class to generate (repeatable; conditional models; images cycle through them)")
 @click.option("--per-class", type=int, default=None, help="N images of each --class (or of every class)")
-@click.option("--guidance", type=float, default=1.0, show_default=True,
-              help="classifier-free guidance weight W: 1 conditional, 0 unconditional, >1 stronger")
+@click.option("--guidance", type=float, default=None,
+              help="classifier-free guidance weight W: 1 conditional, 0 unconditional, >1 stronger [default: 1]")
 @click.option("--no-clip", is_flag=True, help="do not clip x0 estimates to [-1, 1]")
+@click.option("--shard", default=None, metavar="K/M", help="make only shard K of M of the indices (job arrays)")
+@click.option("--request-time", default=None, metavar="ISO",
+              help="the request's creation time (DICOM dates; fixed by slurm/sample.sh) [default: now, "
+                   "or the time an unfinished set in --out was started with]")
+@click.option("--check-only", is_flag=True, help="check the request and --out, print it, write nothing")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="model config of a lucidrains model-N.pt checkpoint (which carries none)")
 @_provider
 @_threads
 @_backend
 @cli_errors
 def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | None, eta: float | None,
            seed: int, out: Path, grid: Path | None, fmt: str, class_names: tuple[str, ...],
-           per_class: int | None, guidance: float, no_clip: bool,
+           per_class: int | None, guidance: float | None, no_clip: bool, shard: str | None,
+           request_time: str | None, check_only: bool, config_path: Path | None,
            provider: str | None, threads: int | None, backend: str | None) -> None:
-    """Write N sampled images, an optional grid and samples.json (exact settings)."""
+    """Write N sampled images, an optional grid, samples.json and manifest.csv.
+
+    Resumable: rerun the same command and only missing images are made."""
     from tqdm import tqdm
 
     from .backends import load_denoiser
     from .fsutil import ensure_writable_dir
     from .guidance import resolve_labels
-    from .sampling import check_request, sample_to_dir
+    from .sample_set import parse_time, sample_to_dir
+    from .sampling import resolve_request
+    from .shards import parse_shard, record_name, shard_range
 
     warnings.showwarning = _warn_line
-    if sampler not in SAMPLER_NAMES:       # checked before opening the engine: cheap, clear
-        raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLER_NAMES)})")
-    if n <= 0:
+    if n <= 0:                                     # checked before opening the engine: cheap, clear
         raise CxrError(f"-n {n}: the number of images must be >= 1")
-    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    if batch_size <= 0:
+        raise CxrError(f"--batch-size {batch_size}: must be >= 1")
+    shard_km = parse_shard(shard) if shard is not None else None
+    when = parse_time(request_time) if request_time is not None else None
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads,
+                        **_checkpoint_config(engine, backend, config_path))
     labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
-    steps = check_request(den, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
+    req = resolve_request(den, n, sampler=sampler, steps=steps, eta=eta, seed=seed, labels=labels,
+                          guidance=guidance, clip_x0=not no_clip)
     ensure_writable_dir(out)                       # fail before the progress bar starts
     if grid is not None:
         ensure_writable_dir(grid.parent, "grid folder")
+    todo = len(shard_range(n, shard_km))
+    if check_only:
+        click.echo(f"ok: {n} images ({todo} in this shard), {req.sampler} x{req.steps}, seed {req.seed}, out {out}")
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # warned once above
-        with tqdm(total=n, unit="img", desc=f"{sampler} x{steps}", file=sys.stderr,
+        with tqdm(total=todo, unit="img", desc=f"{req.sampler} x{req.steps}", file=sys.stderr,
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
-            rec = sample_to_dir(den, engine, n, out=out, batch_size=batch_size, sampler=sampler,
-                                steps=steps, eta=eta, seed=seed, fmt=fmt, grid=grid,
-                                clip_x0=not no_clip, labels=labels, guidance=guidance,
-                                on_step=lambda b: bar.update(b / steps))
-    click.echo(f"wrote {n} images to {out}/ ({rec['images_per_s']} images/s)"
-               + (f", grid {grid}" if grid else "") + f", settings {out / 'samples.json'}")
+            rec = sample_to_dir(den, req, out=out, batch_size=batch_size, fmt=fmt, grid=grid, shard=shard_km,
+                                request_time=when, on_step=lambda b: bar.update(b / req.steps))
+    made = len(rec["images"])
+    click.echo(f"wrote {made} images to {out}/ ({rec['images_per_s']} images/s)"
+               + (f", grid {grid}" if grid else "") + f", record {out / record_name(shard_km)}")
+
+
+def _checkpoint_config(engine: Path, backend: str | None, config_path: Path | None) -> dict[str, Any]:
+    """--config is for checkpoints only (lucidrains model-N.pt carries no config)."""
+    if config_path is None:
+        return {}
+    from .backends import detect_backend
+    from .config import load_config
+    if (backend or (detect_backend(engine) if engine.exists() else "onnx")) != "torch":
+        raise CxrError(f"--config: {engine} carries its own config; --config is for checkpoints only")
+    return {"config": load_config(config_path)}
 
 
 @main.command()
@@ -225,8 +255,6 @@ def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, guidan
     from .backends import load_denoiser
     from .sampling import bench_run
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
-    if guidance is not None and den.config.model.num_classes == 0:
-        raise CxrError(f"--guidance: {engine} is an unconditional model")
     rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance)
     rec["torch_imported"] = "torch" in sys.modules
     click.echo(json.dumps(rec))

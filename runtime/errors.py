@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from typing import Any, Callable, TypeVar
 
+import click
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
@@ -35,6 +37,26 @@ def cli_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineGroup(click.Group):
+    """A click group whose usage errors (bad flag value, unknown option) are one line too:
+    `error: Invalid value for '--seed': '1.5' is not a valid integer.`, exit 2, like CxrError."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except click.ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":        # bare `cxr-runtime`: show the help
+                e.show()
+                sys.exit(e.exit_code)
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
 
 
 TRAIN_MODULES = ("torch", "deepspeed", "denoising_diffusion_pytorch", "safetensors", "onnx")

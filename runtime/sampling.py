@@ -1,159 +1,161 @@
 """Generating images with a denoiser: the library behind `cxr-runtime sample`.
 
-Image i depends only on (seed, i): its initial noise and every per-step noise draw
+Image i depends only on (request, i): its initial noise and every per-step noise draw
 come from its own generator, np.random.default_rng([seed, i]), so the batch size
-(and which other images share its batch) never changes it.
+(and which other images share its batch, or which process of a job array makes it)
+never changes it.
 
     den = load_denoiser("model.onnx")
-    images = generate(den, 16, batch_size=8, sampler="dpmpp-2m", steps=20, seed=0)
+    req = resolve_request(den, 16, sampler="dpmpp-2m", steps=20, seed=0)
+    images = generate(den, req, batch_size=8)               # (16, C, H, W) in [-1, 1]
+    sample_to_dir(den, req, out="samples/", batch_size=8)   # PNGs + samples.json
+
+A request is resolved and validated once (`resolve_request`); everything below trusts it.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__
 from .errors import CxrError
-from .fsutil import atomic_write, ensure_writable_dir, file_sha256
-from .metadata import dumps as meta_dumps
-from .outputs import FORMATS, SUFFIX, grid_png, write_image
 from .guidance import guided
-from .samplers import USES_ETA, get_sampler, resolve_steps
+from .samplers import SAMPLERS, USES_ETA, get_sampler, resolve_steps
 
 StepFn = Callable[[int], None]                # called after each step with the batch size
+NOISE = "image i: numpy default_rng([seed, i]), standard_normal float32"
 
 
-def check_request(denoiser: Any, n: int, *, batch_size: int, sampler: str, steps: int | None,
-                  eta: float | None) -> int:
-    """Validate a sampling request before any work or file; returns the resolved steps."""
-    if n <= 0:
+@dataclass(frozen=True)
+class Request:
+    """What determines the images (with the denoiser): resolved once, trusted below."""
+    n: int
+    sampler: str
+    steps: int
+    eta: float | None
+    seed: int
+    labels: tuple[int, ...] | None = None     # class id per image (conditional models)
+    guidance: float | None = None             # CFG weight; None when sampling unconditionally
+    clip_x0: bool = True
+
+
+def resolve_request(denoiser: Any, n: int, *, sampler: str = "dpmpp-2m", steps: int | None = None,
+                    eta: float | None = None, seed: int = 0, labels: Sequence[int] | None = None,
+                    guidance: float | None = None, clip_x0: bool = True) -> Request:
+    """Check every setting against the model; CxrError naming the flag otherwise."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise CxrError(f"-n {n}: the number of images must be >= 1")
-    if batch_size <= 0:
-        raise CxrError(f"--batch-size {batch_size}: must be >= 1")
-    get_sampler(sampler)
+    if sampler not in SAMPLERS:
+        raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLERS)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise CxrError(f"--seed {seed}: must be an integer >= 0 (image i uses default_rng([seed, i]))")
     steps = resolve_steps(sampler, steps, denoiser.schedule.timesteps)
-    if eta is not None and sampler not in USES_ETA:
-        warnings.warn(f"--eta is ignored by --sampler {sampler} (only {', '.join(sorted(USES_ETA))} "
-                      f"uses it)", stacklevel=2)
-    if eta is not None and eta < 0:
-        raise CxrError(f"--eta {eta}: must be >= 0")
-    return steps
+    if eta is not None:
+        if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
+            raise CxrError(f"--eta {eta}: must be a finite number in [0, 1] (0 deterministic, 1 ancestral)")
+        if sampler not in USES_ETA:
+            warnings.warn(f"--eta is ignored by --sampler {sampler} (only {', '.join(sorted(USES_ETA))} "
+                          "uses it)", stacklevel=2)
+            eta = None
+    conditional = denoiser.config.model.num_classes > 0
+    if guidance is not None:
+        if not math.isfinite(guidance) or guidance < 0:
+            raise CxrError(f"--guidance {guidance}: must be a finite number >= 0")
+        if not conditional:
+            raise CxrError("--guidance: the model is unconditional (guidance needs a class-conditional model)")
+    if guidance is not None and labels is None:
+        raise CxrError("--guidance needs --class or --per-class (which classes to guide towards)")
+    if labels is not None:
+        if not conditional or len(labels) != n:
+            raise CxrError("class labels need a class-conditional model and one label per image")
+        labels = tuple(int(k) for k in labels)
+    return Request(n, sampler, steps, eta, seed, labels, (1.0 if guidance is None else float(guidance))
+                   if labels is not None else None, clip_x0)
 
 
-def image_rngs(seed: int, indices: range) -> list[np.random.Generator]:
+def image_rngs(seed: int, indices: Sequence[int]) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, i]) for i in indices]
 
 
-def iter_batches(denoiser: Any, n: int, *, batch_size: int, sampler: str = "dpmpp-2m",
-                 steps: int | None = None, eta: float | None = None, seed: int = 0,
-                 clip_x0: bool = True, labels: Sequence[int] | None = None, guidance: float = 1.0,
-                 on_step: StepFn | None = None, xp: Any = np) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first index, samples (b, C, H, W) float32 in [-1, 1]) batch by batch.
+def iter_batches(denoiser: Any, req: Request, *, batch_size: int, indices: Sequence[int] | None = None,
+                 on_step: StepFn | None = None, xp: Any = np) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (image indices, samples (b, C, H, W) float32 in [-1, 1]) batch by batch.
 
-    labels: class id of each image (length n) for class-conditional models, guided with
-    weight `guidance` (see runtime.guidance); None samples them unconditionally.
+    indices: which images of the request to make (default all n, in order). A model output
+    that is not finite stops the run with CxrError naming the step: no image of that batch
+    is returned, so none is written.
     """
-    steps = check_request(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
-    sample = get_sampler(sampler)
+    if batch_size <= 0:
+        raise CxrError(f"--batch-size {batch_size}: must be >= 1")
+    sample = get_sampler(req.sampler)
     cfg = denoiser.config.model
-    if labels is not None and (cfg.num_classes == 0 or len(labels) != n):
-        raise CxrError("class labels need a class-conditional model and one label per image")
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)           # (C, H, W)
-    for start in range(0, n, batch_size):
-        rngs = image_rngs(seed, range(start, min(start + batch_size, n)))
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)            # (C, H, W)
+    todo = list(range(req.n) if indices is None else indices)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        rngs = image_rngs(req.seed, idx)
         b = len(rngs)
 
         def draw() -> Any:
             return xp.asarray(np.stack([g.standard_normal(shape, dtype=np.float32) for g in rngs]))
 
         if cfg.num_classes:
-            cls = None if labels is None else xp.asarray(np.asarray(labels[start:start + b], np.int64))
-            denoise = guided(denoiser, cls, guidance, null_class=cfg.num_classes)
+            cls = None if req.labels is None else xp.asarray(np.asarray([req.labels[i] for i in idx], np.int64))
+            model = guided(denoiser, cls, 1.0 if req.guidance is None else req.guidance,
+                           null_class=cfg.num_classes)
         else:
-            def denoise(x: Any, t: Any, x_self_cond: Any = None) -> Any:
+            def model(x: Any, t: Any, x_self_cond: Any = None) -> Any:
                 return denoiser(x, t, x_self_cond=x_self_cond)
+        calls = [0]
+
+        def denoise(x: Any, t: Any, *self_cond: Any) -> Any:
+            out = model(x, t, *self_cond)
+            calls[0] += 1
+            if not bool(xp.isfinite(out).all()):
+                raise CxrError(f"step {calls[0]}/{req.steps} (t={int(t[0])}): the model returned non-finite "
+                               f"values (NaN/inf) for images {idx[0]}..{idx[-1]}; nothing of this batch "
+                               "was written")
+            return out
 
         x_T = draw()                                                  # (b, C, H, W)
-        out = sample(denoise, x_T, denoiser.schedule, steps=steps, eta=eta,
-                     noise=lambda k: draw(), clip_x0=clip_x0,
+        out = sample(denoise, x_T, denoiser.schedule, steps=req.steps, eta=req.eta,
+                     noise=lambda k: draw(), clip_x0=req.clip_x0,
                      self_condition=bool(getattr(denoiser, "self_condition", False)),
                      callback=(lambda info: on_step(b)) if on_step else None)
-        yield start, (out if isinstance(out, np.ndarray) else out.get()).astype(np.float32, copy=False)
+        yield idx, (out if isinstance(out, np.ndarray) else out.get()).astype(np.float32, copy=False)
 
 
-def generate(denoiser: Any, n: int, **kwargs: Any) -> np.ndarray:
-    """All n samples as one (n, C, H, W) float32 array in [-1, 1]; kwargs as iter_batches."""
-    return np.concatenate([batch for _, batch in iter_batches(denoiser, n, **kwargs)])
+def generate(denoiser: Any, req: Request, *, batch_size: int = 8, **kwargs: Any) -> np.ndarray:
+    """All images of the request as one (n, C, H, W) float32 array in [-1, 1]."""
+    return np.concatenate([batch for _, batch in iter_batches(denoiser, req, batch_size=batch_size, **kwargs)])
 
 
-def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size: int,
-                  sampler: str, steps: int | None, eta: float | None, seed: int,
-                  fmt: str = "png", grid: Path | None = None, clip_x0: bool = True,
-                  labels: Sequence[int] | None = None, guidance: float = 1.0,
-                  on_step: StepFn | None = None) -> dict[str, Any]:
-    """Write n images (and a grid) under `out` plus samples.json; returns that record.
-
-    With class labels, image i goes to out/<class name>/ and the grid has a row per class.
-    """
-    if fmt not in FORMATS:
-        raise CxrError(f"--format {fmt!r} is unknown (valid: {', '.join(FORMATS)})")
-    steps = check_request(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
-    out = ensure_writable_dir(out)
+def request_settings(denoiser: Any, req: Request, fmt: str) -> dict[str, Any]:
+    """Everything that determines the written files, as recorded in samples.json."""
     names = list(denoiser.meta.get("class_names") or [])
-    folders = {k: ensure_writable_dir(out / names[k]) for k in sorted(set(labels))} if labels else {}
-    if grid is not None:
-        ensure_writable_dir(Path(grid).parent or Path("."), "grid folder")
-    width = max(5, len(str(n - 1)))
-    files, t0 = [], time.perf_counter()
-    rows: dict[int, list[np.ndarray]] = {}                            # grid row (class) -> images
-    with warnings.catch_warnings():                                   # check_request warned once
-        warnings.simplefilter("ignore")
-        batches = iter_batches(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps,
-                               eta=eta, seed=seed, clip_x0=clip_x0, labels=labels,
-                               guidance=guidance, on_step=on_step)
-        first = next(batches)
-    for start, batch in itertools.chain([first], batches):
-        for j, x in enumerate(batch):
-            i = start + j
-            row = labels[i] if labels else -1
-            path = folders.get(row, out) / f"sample_{i:0{width}d}{SUFFIX[fmt]}"
-            write_image(path, x, fmt, meta=denoiser.meta, index=i, seed=seed)
-            files.append(str(path.relative_to(out)))
-            if grid is not None and len(rows.setdefault(row, [])) < (8 if labels else 64):
-                rows[row].append(x)
-    seconds = time.perf_counter() - t0
-    if grid is not None and labels:                                   # a row of <= 8 per class
-        picked = [rows[r] for r in sorted(rows)][:16]
-        cols = max(map(len, picked))
-        grid_png(Path(grid), [r[j] if j < len(r) else None for r in picked for j in range(cols)],
-                 cols=cols)
-    elif grid is not None:                                            # square, at most 8 x 8
-        grid_png(Path(grid), rows[-1])
-    record = {
-        "engine": str(engine), "engine_sha256": file_sha256(engine) if Path(engine).is_file() else None,
-        "metadata_sha256": hashlib.sha256(meta_dumps(denoiser.meta).encode()).hexdigest(),
+    return {
+        "engine_sha256": denoiser.sha256,            # the ONNX/engine file, or the checkpoint for torch
+        "metadata_sha256": hashlib.sha256(json.dumps(denoiser.meta, sort_keys=True).encode()).hexdigest(),
         "backend": denoiser.backend, "provider": denoiser.provider,
-        "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "n": n,
-        "batch_size": batch_size, "format": fmt, "clip_x0": clip_x0,
-        "guidance": guidance if labels else None,
-        "classes": sorted({names[k] for k in labels}) if labels else None,
+        "sampler": req.sampler, "steps": req.steps, "eta": req.eta, "seed": req.seed, "n": req.n,
+        "format": fmt, "clip_x0": req.clip_x0, "guidance": req.guidance,
+        "classes": sorted({names[k] for k in req.labels}) if req.labels else None,
+        "labels_sha256": (hashlib.sha256(np.asarray(req.labels, np.int64).tobytes()).hexdigest()
+                          if req.labels else None),
         "image_size": denoiser.config.model.image_size, "objective": denoiser.config.diffusion.objective,
-        "schedule_sha256": denoiser.schedule.digest(), "grid": str(grid) if grid else None,
-        "noise": "image i: numpy default_rng([seed, i]), standard_normal float32",
-        "package_version": __version__, "seconds": round(seconds, 3),
-        "images_per_s": round(n / seconds, 3) if seconds > 0 else None, "files": files,
+        "schedule_sha256": denoiser.schedule.digest(), "noise": NOISE,
     }
-    with atomic_write(out / "samples.json", "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    return record
+
+
+def request_sha256(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -163,16 +165,20 @@ def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpm
               repeats: int = 1, guidance: float | None = None) -> dict[str, Any]:
     """Time `repeats` runs of `steps` steps after one warm-up step; latencies per step.
     guidance: time classifier-free guided sampling (class 0, weight W) instead."""
-    guide = {} if guidance is None else {"labels": [0] * batch_size, "guidance": guidance}
+    labels = None if guidance is None else [0] * batch_size
+
+    def req(sampler: str, steps: int, seed: int) -> Request:
+        return resolve_request(denoiser, batch_size, sampler=sampler, steps=steps, seed=seed, labels=labels,
+                               guidance=guidance)
     first = time.time()
-    next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler="ddim", steps=1, **guide))
+    next(iter_batches(denoiser, req("ddim", 1, 0), batch_size=batch_size))
     first_step_at = time.time()
     lat: list[float] = []
     totals = []
     for r in range(repeats):
         stamps = [time.perf_counter()]
-        next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler=sampler, steps=steps,
-                          seed=r, on_step=lambda b: stamps.append(time.perf_counter()), **guide))
+        next(iter_batches(denoiser, req(sampler, steps, r), batch_size=batch_size,
+                          on_step=lambda b: stamps.append(time.perf_counter())))
         lat += list(np.diff(stamps))
         totals.append(stamps[-1] - stamps[0])
     lat_ms = np.array(lat) * 1e3
@@ -197,3 +203,4 @@ def peak_rss_mib() -> float:
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+

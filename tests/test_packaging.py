@@ -131,8 +131,8 @@ def test_core_only_install_samples_without_torch(wheel: Path, tmp_path: Path, tm
                           "--steps", "2", "--out", str(tmp_path / "s")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["sample_00000.png", "sample_00001.png",
-                                                                  "samples.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.csv", "sample_00000.png",
+                                                                  "sample_00001.png", "samples.json"]
     for cmd in (["cxr-train", "fit", "--config", "x.yaml"], ["cxr-export", "onnx", "--ckpt", "x"]):
         res = subprocess.run([str(bin_ / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=120)
         lines = res.stderr.strip().splitlines()

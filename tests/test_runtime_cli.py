@@ -36,14 +36,14 @@ def test_sample_writes_images_grid_and_settings(onnx_path: Path, tmp_path: Path)
     assert res.exit_code == 0, res.output
     from PIL import Image
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["sample_00000.png", "sample_00001.png", "sample_00002.png", "samples.json"]
+    assert files == ["manifest.csv", "sample_00000.png", "sample_00001.png", "sample_00002.png", "samples.json"]
     with Image.open(tmp_path / "a" / "sample_00000.png") as im:
         assert im.size == (32, 32) and im.mode == "L"
     with Image.open(tmp_path / "grid.png") as im:
         assert im.size == (2 * 34 + 2, 2 * 34 + 2)
     rec = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert rec["sampler"] == "dpmpp-2m" and rec["steps"] == 4 and rec["seed"] == 0 and rec["n"] == 3
-    assert len(rec["metadata_sha256"]) == 64 and rec["backend"] == "onnx" and rec["files"][0] == files[0]
+    assert len(rec["metadata_sha256"]) == 64 and rec["backend"] == "onnx" and rec["files"][0] == files[1]
     assert "img/s" in res.stderr                                            # tqdm progress with rate
 
 
@@ -94,10 +94,10 @@ import cxr_ddpm.runtime as rt
 for m in pkgutil.walk_packages(rt.__path__, "cxr_ddpm.runtime."):
     importlib.import_module(m.name)
 from cxr_ddpm.runtime.backends import load_denoiser
-from cxr_ddpm.runtime.sampling import sample_to_dir
+from cxr_ddpm.runtime.sample_set import sample_to_dir
+from cxr_ddpm.runtime.sampling import resolve_request
 den = load_denoiser({str(onnx_path)!r}, threads=1)
-sample_to_dir(den, den.path, 2, out={str(tmp_path)!r}, batch_size=2, sampler="dpmpp-2m", steps=2,
-              eta=None, seed=0, fmt="dcm", grid=None)
+sample_to_dir(den, resolve_request(den, 2, steps=2), out={str(tmp_path)!r}, batch_size=2, fmt="dcm")
 bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "cxr_ddpm.train")))
 print("IMPORTED", bad)
 """
@@ -163,7 +163,7 @@ def test_bad_engine_files(onnx_path: Path, tmp_path: Path, case: str, cxr_mini: 
 @pytest.mark.parametrize("args,needle", [
     (["--steps", "101"], "--steps=101 is out of range"),
     (["--steps", "0"], "--steps=0 is out of range"),
-    (["--sampler", "euler"], "--sampler 'euler' is unknown"),
+    (["--sampler", "euler"], "'--sampler': 'euler' is not one of 'ddpm', 'ddim', 'dpmpp-2m'"),
     (["-n", "0"], "-n 0"),
     (["-n", "-2"], "-n -2"),
     (["--batch-size", "0"], "--batch-size 0"),

@@ -8,7 +8,7 @@ import pytest
 
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.samplers import sample_ddim, sample_ddpm
-from cxr_ddpm.runtime.sampling import generate
+from cxr_ddpm.runtime.sampling import generate, resolve_request
 
 TOL = 1e-4
 
@@ -90,17 +90,19 @@ def test_ddim_eta_matches_ddim_sample(denoiser, lucid, noise, monkeypatch: pytes
 @pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("dpmpp-2m", 5), ("ddpm", None)])
 def test_batch_size_does_not_change_images(tiny_onnx: Path, sampler: str, steps: int | None) -> None:
     den = load_denoiser(tiny_onnx, threads=1)
-    kw = dict(sampler=sampler, steps=steps, seed=7, eta=1.0 if sampler == "ddim" else None)
-    one = generate(den, 3, batch_size=1, **kw)
-    assert np.array_equal(one, generate(den, 3, batch_size=2, **kw))     # batches [0, 1], [2]
+    req = resolve_request(den, 3, sampler=sampler, steps=steps, seed=7, eta=1.0 if sampler == "ddim" else None)
+    one = generate(den, req, batch_size=1)
+    assert np.array_equal(one, generate(den, req, batch_size=2))          # batches [0, 1], [2]
+    assert np.array_equal(one[1:], generate(den, req, batch_size=2, indices=[1, 2]))   # a shard's share
     if sampler != "ddpm":                                                # ddpm: 100 steps, keep it short
-        assert np.array_equal(one, generate(den, 3, batch_size=3, **kw))
-        assert not np.array_equal(one, generate(den, 3, batch_size=3, **{**kw, "seed": 8}))
+        assert np.array_equal(one, generate(den, req, batch_size=3))
+        other = resolve_request(den, 3, sampler=sampler, steps=steps, seed=8, eta=req.eta)
+        assert not np.array_equal(one, generate(den, other, batch_size=3))
     assert not np.array_equal(one[0], one[1])
 
 
 def test_onnx_and_torch_backends_agree(tiny_onnx: Path, tiny_ckpt: Path) -> None:
-    kw = dict(batch_size=2, sampler="dpmpp-2m", steps=10, seed=3)
-    a = generate(load_denoiser(tiny_onnx, threads=1), 2, **kw)
-    b = generate(load_denoiser(tiny_ckpt, threads=1), 2, **kw)
+    ort, ref = load_denoiser(tiny_onnx, threads=1), load_denoiser(tiny_ckpt, threads=1)
+    a = generate(ort, resolve_request(ort, 2, sampler="dpmpp-2m", steps=10, seed=3), batch_size=2)
+    b = generate(ref, resolve_request(ref, 2, sampler="dpmpp-2m", steps=10, seed=3), batch_size=2)
     assert np.abs(a - b).max() <= TOL

@@ -5,10 +5,10 @@ import sys
 
 import click
 
-from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, cli_errors, require_extra
+from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, OneLineGroup, cli_errors, require_extra
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @cli_errors
 def main() -> None:
     """Train a DDPM on chest radiographs (DeepSpeed; see slurm/train.sh for clusters)."""

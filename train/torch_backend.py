@@ -19,7 +19,8 @@ class TorchDenoiser:
     backend = "torch"
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 channels_last: bool = False, ema: bool = True) -> None:
+                 channels_last: bool = False, ema: bool = True, config: Any = None) -> None:
+        """config: the model config of a lucidrains model-N.pt (which carries none)."""
         import torch
 
         from cxr_ddpm.train.checkpoint import load_checkpoint
@@ -32,8 +33,9 @@ class TorchDenoiser:
             raise CxrError("--provider cuda: torch sees no CUDA device (available: cpu)")
         if threads:
             torch.set_num_threads(int(threads))
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, config)
         self.path = Path(path)
+        self.checkpoint, self.sha256 = str(ckpt.path), ckpt.sha256     # a run folder names its newest
         self.meta: dict[str, Any] = dict(ckpt.meta)
         self.meta.setdefault("null_class", ckpt.cfg.model.num_classes or None)
         self.meta.setdefault("self_condition", ckpt.cfg.model.self_condition)

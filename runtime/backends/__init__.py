@@ -3,8 +3,8 @@
 `load_denoiser(path)` picks the backend from the file itself (a cxr-ddpm TensorRT
 engine by its magic bytes, a checkpoint by its suffix, anything else is tried as
 ONNX) and configures it from the embedded metadata, so users never retype image
-size, schedule or objective. Every denoiser has `.meta`, `.config`, `.schedule`,
-`.backend`, `.provider`, `.self_condition` and
+size, schedule or objective. Every denoiser has `.path`, `.sha256` (of the artifact file), `.meta`, `.config`,
+`.schedule`, `.backend`, `.provider`, `.self_condition` and
 `__call__(x, t, x_self_cond=None, classes=None) -> raw model output`.
 Backends import lazily: choosing ONNX never loads torch or TensorRT.
 """
@@ -24,6 +24,8 @@ TORCH_BACKEND_MODULE = "cxr_ddpm.train.torch_backend"
 
 
 class Denoiser(Protocol):
+    path: Path
+    sha256: str | None
     meta: dict[str, Any]
     config: Config
     schedule: Schedule

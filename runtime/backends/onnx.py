@@ -8,6 +8,7 @@ pointer and never copied through the host.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import CxrError
+from ..fsutil import file_sha256
 from ..interface import model_inputs
 from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata, schedule_from_metadata
 
@@ -94,6 +96,11 @@ class OrtDenoiser:
 
     def feeds(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> dict[str, Any]:
         return model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """sha256 of the artifact file, read once, when a record first needs it."""
+        return file_sha256(self.path)
 
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         feeds = self.feeds(x, t, x_self_cond, classes)

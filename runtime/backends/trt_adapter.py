@@ -6,10 +6,12 @@ config and schedule from the header metadata. Imported lazily: TensorRT is optio
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from ..errors import CxrError
+from ..fsutil import file_sha256
 from ..interface import model_inputs
 from ..metadata import config_from_metadata, parse_metadata, schedule_from_metadata
 from ..metadata import dumps as meta_dumps
@@ -41,6 +43,11 @@ class TrtDenoiser:
         self.input_names = [i["name"] for i in self.meta.get("io", {}).get("inputs", [])] or ["x", "t"]
         self.cuda_graph = cuda_graph
         self._batch: int | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """sha256 of the artifact file, read once, when a record first needs it."""
+        return file_sha256(self.path)
 
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         feeds = model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
