@@ -135,7 +135,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     engine, _, _, scheduler = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                                    config=ds_config)
     diffusion.model = engine                       # lucidrains' p_losses now calls the engine
-    ema = EMA(engine.module.unet, t.ema_decay, t.zero_stage)
+    ema = EMA(engine.module.unet, t.ema_decay, t.zero_stage, t.ema_every)
     ckpt.seed_everything(t.seed * 1000 + world.rank)  # different noise and timesteps per rank
 
     step = 0
@@ -181,8 +181,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
             engine.backward(loss)
             engine.step()                          # DeepSpeed steps the optimizer at the accumulation boundary
             loss_sum += loss.detach().float()
-        ema.update(engine.module.unet)
         step += 1
+        ema.after_step(engine.module.unet, step)
         # one collective per step: mean loss over ranks, and whether any rank got a stop signal
         sync = torch.stack([loss_sum / t.grad_accum, torch.tensor(float(stop.raised), device=dev)])
         dist.all_reduce(sync)
@@ -201,7 +201,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
                               "" if gn is None else f"{float(gn):.6g}", f"{ips:.2f}", f"{train_time:.2f}"])
                 log_file.flush()
         if t.sample_every and step % t.sample_every == 0 and world.is_main:
-            sample_grid(cfg, ema.shadow, run / "samples" / f"step_{step:08d}.png")
+            sample_grid(cfg, ema.cpu_shadow(), run / "samples" / f"step_{step:08d}.png")
         if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:
             _save(engine, ema, cfg, images, run, world, step, t.zero_stage, t.keep_last)
         if stop_now:
@@ -259,7 +259,7 @@ def _save(engine, ema: EMA, cfg: Config, images: ImageList, run: Path, world: Wo
         ckpt.mark_complete(tag_dir, {"step": step, "world_size": world.world_size,
                                      "zero_stage": zero_stage, "param_digests": digests})
         save_checkpoint(run / CKPT_DIR / CKPT_NAME.format(step=step), cfg=cfg, step=step,
-                        class_names=list(images.class_names), ema=ema.shadow, online=online,
+                        class_names=list(images.class_names), ema=ema.cpu_shadow(), online=online,
                         data_fingerprint=images.fingerprint(), zero_stage=zero_stage,
                         world_size=world.world_size)
         ckpt.prune(run, keep_last)
