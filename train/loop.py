@@ -41,10 +41,11 @@ from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 
 from . import resume as ckpt
 from .checkpoint import CKPT_DIR, CKPT_NAME, save_checkpoint
-from .data import CxrDataset, ImageList, default_num_workers, list_images
+from .data import ImageList, default_num_workers
 from .dist import World, backend, device, init_process_group, resolve_world
 from .ds_config import build_ds_config
 from .ema import EMA, full_state_dict
+from .prepared import make_dataset, open_data
 from .model import build_diffusion, build_unet
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]
@@ -109,7 +110,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     world = resolve_world()
     cuda = torch.cuda.is_available()
     ds_config = build_ds_config(cfg, world.world_size, cuda)
-    images = list_images(data_dir or cfg.data.root)
+    images = open_data(data_dir or cfg.data.root, cfg.model.image_size)  # raw class folders or prepared
     cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
     if cfg.model.num_classes and cfg.model.num_classes != len(images.class_names):
         raise CxrError(f"model.num_classes={cfg.model.num_classes} but {images.root} has "
@@ -147,7 +148,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
 
     # -- 3. data: this rank's share, starting where the checkpoint stopped
     per_step = t.micro_batch * t.grad_accum
-    dataset = CxrDataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
+    dataset = make_dataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
     sampler = StepSampler(len(dataset), world.rank, world.world_size, t.seed, start=step * per_step,
                           weights=_class_weights(images) if cfg.data.class_balanced else None)
     workers = default_num_workers(cfg.data.num_workers)
