@@ -1,4 +1,4 @@
-"""`python -m bench all --out bench/results`, or one section: denoiser | sampling | accuracy | train | guidance | gpu.
+"""`python -m bench all --out bench/results`, or one section: denoiser | sampling | accuracy | train | guidance | gpu | loader.
 
 `--quick` shrinks every section to tiny sizes and 2 runs (what tests/test_bench.py uses);
 `report` only rebuilds README-performance.md from existing JSONs.
@@ -14,11 +14,11 @@ from pathlib import Path
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import ensure_writable_dir
 
-SECTIONS = ("denoiser", "sampling", "accuracy", "train", "guidance", "gpu")
+SECTIONS = ("denoiser", "sampling", "accuracy", "train", "guidance", "gpu", "loader")
 
 
 def run_section(name: str, out: Path, quick: bool) -> Path:
-    from . import accuracy, denoiser, gpu, guidance, sampling, train
+    from . import accuracy, denoiser, gpu, guidance, loader, sampling, train
     if name == "denoiser":
         return (denoiser.run(out, models=("tiny",), sizes=(32,), batches=(1, 2), runs=2, compile_at=None,
                              extras=False) if quick else denoiser.run(out))
@@ -34,6 +34,9 @@ def run_section(name: str, out: Path, quick: bool) -> Path:
     if name == "guidance":
         return (guidance.run(out, models=(("tiny", 32),), batches=(2,), runs=2) if quick
                 else guidance.run(out))
+    if name == "loader":
+        return (loader.run(out, sizes=(32,), workers=(0,), seconds=0.1, rounds=1, megapixels=(0.3,)) if quick
+                else loader.run(out))
     return gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2) if quick else gpu.run(out)
 
 

@@ -19,7 +19,7 @@ def _load(out: Path, name: str) -> dict[str, Any] | None:
 
 def write_readme_snippet(out: Path, rel: str = "bench/results") -> Path:
     parts = ["## Performance\n\n", f"Produced by `{COMMAND}` (sections: `python -m bench "
-             "denoiser|sampling|accuracy|train|gpu`). Raw numbers with machine info: "
+             "denoiser|sampling|accuracy|train|gpu|loader`). Raw numbers with machine info: "
              f"`{rel}/<section>.json`; full tables: `{rel}/<section>.md`.\n\n"]
     machine = None
     den = _load(out, "denoiser")
@@ -58,6 +58,12 @@ def write_readme_snippet(out: Path, rel: str = "bench/results") -> Path:
                      + md_table(tr["rows"], [("mode", "mode"), ("precision", "precision"), ("images_per_s", "images/s"),
                                              ("vs_ddp", "vs DDP"), ("peak_mem_mib_per_rank", "peak MiB/rank")])
                      + f"\n![train]({rel}/train.png)\n\n")
+    ld = _load(out, "loader")
+    if ld:
+        parts.append("### Data loader, raw JPEG vs `cxr-train prepare` (CPU, images/s)\n\n" + md_table(
+            ld["rows"], [("source", "source"), ("px", "px"), ("workers", "workers"), ("raw_img_s", "raw"),
+                         ("prepared_img_s", "prepared"), ("raw_per_worker", "raw /worker"),
+                         ("prepared_per_worker", "prepared /worker"), ("speedup", "prepared / raw")]) + "\n")
     gpu = _load(out, "gpu")
     if gpu:
         parts.append("### GPU\n\n" + (gpu["why"] if gpu["status"] == "pending" else

@@ -100,6 +100,7 @@ class TrainConfig:
     warmup_steps: int = 100                       # linear LR warmup from 0
     grad_clip: float = 1.0                        # max global grad norm; 0 disables
     ema_decay: float = 0.995
+    ema_every: int = 1                            # steps between EMA updates (lucidrains: 10)
     seed: int = 0
     zero_stage: int = 2                           # DeepSpeed ZeRO stage; 0 = plain data parallel
     deepspeed_config: str = ""                    # JSON with ZeRO/communication settings; "" = built in
@@ -116,7 +117,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "steps", "micro_batch", "grad_accum", "keep_last", "log_every",
-                  "num_samples", "sample_steps")
+                  "num_samples", "sample_steps", "ema_every")
         for name in ("global_batch", "warmup_steps", "save_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise CxrError(f"train.{name} must be >= 0")

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import accuracy, common, denoiser, gpu, guidance, sampling, train  # noqa: E402
+from bench import accuracy, common, denoiser, gpu, guidance, loader, sampling, train  # noqa: E402
 from bench.report import write_readme_snippet  # noqa: E402
 
 
@@ -142,3 +142,11 @@ def test_cli_unknown_section(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "bench", "nope", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "invalid choice" in p.stderr and not list(tmp_path.iterdir())
+
+
+def test_loader_section_raw_vs_prepared(tmp_path: Path, cxr_mini: Path) -> None:
+    loader.run(tmp_path, data=str(cxr_mini), sizes=(16,), workers=(0,), seconds=0.05, rounds=1, megapixels=(0.2,))
+    rows = json.loads((tmp_path / "loader.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == ["bundled (<=512 px)", "upscaled 0.2 MP"]
+    assert all(r["raw_img_s"] > 0 and r["prepared_img_s"] > 0 for r in rows), rows
+    assert "| prepared / raw |" in (tmp_path / "loader.md").read_text()

@@ -16,7 +16,7 @@ def test_no_bare_top_level_packages(tmp_path: Path) -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("cli, command", [("cxr-train", "fit"), ("cxr-train", "check-data"),
+@pytest.mark.parametrize("cli, command", [("cxr-train", "fit"), ("cxr-train", "check-data"), ("cxr-train", "prepare"),
                                           ("cxr-export", "onnx"), ("cxr-export", "trt"),
                                           ("cxr-export", "verify"), ("cxr-runtime", "sample"),
                                           ("cxr-runtime", "inspect"), ("cxr-runtime", "bench")])

@@ -94,6 +94,23 @@ def test_torchrun_two_ranks(tmp_path, cxr_mini, tiny_cfg, stage):
     assert all(torch.equal(unet[k], ck.online[k]) for k in ck.online)
 
 
+def test_fit_from_prepared_folder(tmp_path, cxr_mini, tiny_cfg):
+    """`cxr-train prepare` then `fit --data` on it: trains like the raw folders, same provenance."""
+    from cxr_ddpm.train.data import list_images
+    from cxr_ddpm.train.prepared import prepare
+
+    prepare(cxr_mini, 32, tmp_path / "p32", progress=False)
+    sets = ["train.steps=3", "data.num_workers=1", "data.hflip=true", "train.ema_every=2"]
+    run_ok(fit_cmd(tmp_path / "p32", tmp_path / "prep", *sets))   # workers read the memory map
+    run_ok(fit_cmd(cxr_mini, tmp_path / "raw", *sets))
+    prep, raw = losses(tmp_path / "prep"), losses(tmp_path / "raw")
+    assert [s for s, _ in prep] == [1, 2, 3]
+    # same images, flips and noise; pixels differ by at most 0.5/255, so the losses barely do
+    assert all(abs(float(a) - float(b)) <= 1e-2 * float(b) for (_, a), (_, b) in zip(prep, raw)), (prep, raw)
+    ck = load_checkpoint(tmp_path / "prep", config=tiny_cfg)
+    assert ck.meta["provenance"]["data_fingerprint"] == list_images(cxr_mini).fingerprint()
+
+
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cxr_mini):
     steps = ["train.steps=16"]

@@ -51,10 +51,31 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     click.echo(f"usable: {report.usable} of {total} images")
 
 
+@main.command("prepare")
+@click.argument("data_dir", type=click.Path(path_type=str))
+@click.option("--size", type=int, required=True, help="Image size in px (must equal model.image_size).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="New folder to create.")
+@click.option("--workers", type=int, default=None, help="Decode threads (default: the job's CPU allowance).")
+@click.option("--max-list", type=int, default=20, show_default=True, help="Unreadable files to list.")
+@cli_errors
+def prepare_cmd(data_dir: str, size: int, out_dir: str, workers: int | None, max_list: int) -> None:
+    """Decode and resize DATA_DIR once into a memory-mapped array for `fit --data OUT`."""
+    from .prepared import prepare
+
+    r = prepare(data_dir, size, out_dir, workers=workers, progress=sys.stderr.isatty())
+    if r.skipped:
+        click.echo(f"skipped {len(r.skipped)} unreadable:")
+        for path, reason in r.skipped[:max_list]:
+            click.echo(f"  {path}: {reason}")
+        if len(r.skipped) > max_list:
+            click.echo(f"  ... and {len(r.skipped) - max_list} more")
+    click.echo(f"{r.out}: {r.count} images, {size} px, {r.dtype}, in {r.seconds:.1f} s")
+
+
 @main.command("fit")
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=str),
               help="Run config (YAML/TOML), e.g. configs/tiny.yaml.")
-@click.option("--data", "data_dir", default=None, help="Class-folder dataset (default: data.root of the config).")
+@click.option("--data", "data_dir", default=None, help="Class-folder dataset or a `cxr-train prepare` folder (default: data.root of the config).")
 @click.option("--out", "out_dir", default=None, help="Run folder (default: runs/<config name>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Config override, repeatable: --set train.steps=100.")

@@ -83,8 +83,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     # -- 3. the loop
     while step < t.steps:
         loss = train_step(m, batches, cfg, dev, clock)
-        m.ema.update(m.engine.module.unet)
         step += 1
+        m.ema.after_step(m.engine.module.unet, step)
         stop_now = False
         if clock.due(step, t):                         # every rank checks at the same steps
             loss_mean, stop_now = clock.sync(step, loss, stop.raised, dev)
@@ -95,7 +95,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
                         clock.images_per_s, clock.train_time, clock.data_wait_pct)
         with clock.paused():                           # sample grids and saves are not training time
             if t.sample_every and step % t.sample_every == 0 and world.is_main:
-                grid = sample_grid(cfg, m.ema.shadow, run / "samples" / f"step_{step:08d}.png")
+                grid = sample_grid(cfg, m.ema.cpu_shadow(), run / "samples" / f"step_{step:08d}.png")
                 if log:
                     log.image(step, grid)
             if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:

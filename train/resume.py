@@ -138,7 +138,7 @@ def save_all(engine: Any, ema: Any, cfg: Config, images: Any, run: Path, world: 
         mark_complete(tag_dir, {"step": step, "world_size": world.world_size,
                                 "zero_stage": cfg.train.zero_stage, "param_digests": digests})
         save_checkpoint(run / CKPT_DIR / CKPT_NAME.format(step=step), cfg=cfg, step=step,
-                        class_names=list(images.class_names), ema=ema.shadow, online=online,
+                        class_names=list(images.class_names), ema=ema.cpu_shadow(), online=online,
                         data_fingerprint=images.fingerprint(), zero_stage=cfg.train.zero_stage,
                         world_size=world.world_size)
         prune(run, cfg.train.keep_last)

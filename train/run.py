@@ -23,11 +23,12 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 
 from . import resume as ckpt
-from .data import CxrDataset, ImageList, default_num_workers, list_images
+from .data import ImageList, default_num_workers
 from .dist import World, check_gpus_per_node, local_world_size, resolve_world, use_cuda
 from .ds_config import build_ds_config
 from .ema import EMA
 from .model import build_diffusion, build_unet
+from .prepared import make_dataset, open_data
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "data_wait_pct"]
 
@@ -52,7 +53,7 @@ def plan_run(cfg: Config, data_dir: str | Path | None, out_dir: str | Path | Non
     if cuda:
         check_gpus_per_node(local_world_size(dict(os.environ), world), torch.cuda.device_count())
     ds_config = build_ds_config(cfg, world.world_size, cuda)
-    images = list_images(data_dir or cfg.data.root)
+    images = open_data(data_dir or cfg.data.root, cfg.model.image_size)  # raw class folders or prepared
     cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
     if cfg.model.num_classes and cfg.model.num_classes != len(images.class_names):
         raise CxrError(f"model.num_classes={cfg.model.num_classes} but {images.root} has "
@@ -111,7 +112,7 @@ def build_model(cfg: Config, dev: torch.device, ds_config: dict[str, Any], seed:
     engine, _, _, scheduler = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                                    config=ds_config)
     diffusion.model = engine                       # lucidrains' p_losses now calls the engine
-    ema = EMA(engine.module.unet, t.ema_decay, t.zero_stage)
+    ema = EMA(engine.module.unet, t.ema_decay, t.zero_stage, t.ema_every)
     ckpt.seed_everything(seed)                     # different noise and timesteps per rank
     return Model(engine, diffusion, ema, scheduler)
 
@@ -155,7 +156,7 @@ class StepSampler(torch.utils.data.Sampler):
 def make_loader(cfg: Config, images: ImageList, world: World, step: int, cuda: bool) -> Iterator:
     """Batches of (images, labels) for this rank, starting where optimizer step `step` left off."""
     t = cfg.train
-    dataset = CxrDataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
+    dataset = make_dataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
     sampler = StepSampler(len(dataset), world.rank, world.world_size, t.seed,
                           start=step * t.micro_batch * t.grad_accum,
                           weights=_class_weights(images) if cfg.data.class_balanced else None)
