@@ -30,16 +30,35 @@ def test_provider_library_absent_on_cpu_build() -> None:
     assert provider_load_error("cuda") is None
 
 
-def test_real_session_checked(tmp_path: Path) -> None:
-    onnx = pytest.importorskip("onnx")
-    import onnxruntime as ort
+def _identity(tmp_path: Path) -> Path:
+    import onnx
     from onnx import TensorProto, helper
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["out"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
     path = tmp_path / "id.onnx"
     onnx.save(helper.make_model(g), str(path))
+    return path
+
+
+def test_real_session_checked(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    path = _identity(tmp_path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check_session_provider(sess, "cpu", str(path))
     with pytest.raises(CxrError, match="could not load CUDAExecutionProvider"):
         check_session_provider(sess, "cuda", str(path))   # a session that ended up on CPU
+
+
+@pytest.mark.gpu
+def test_real_cuda_session_runs_on_cuda(tmp_path: Path) -> None:
+    """On a GPU machine with onnxruntime-gpu: driver ok, libraries preloaded, CUDA provider first."""
+    import onnxruntime as ort
+
+    from cxr_ddpm.runtime.backends.onnx import preload_gpu_libraries
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
+    path = _identity(tmp_path)
+    preload_gpu_libraries()
+    sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    check_session_provider(sess, "cuda", str(path))

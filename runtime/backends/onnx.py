@@ -69,8 +69,13 @@ def provider_load_error(requested: str) -> str | None:
 
 
 def preload_gpu_libraries() -> None:
-    """onnxruntime >= 1.21: load the pip-installed CUDA/cuDNN (nvidia-* wheels) before the session."""
+    """Driver check (one line if too old for this onnxruntime-gpu's CUDA), then, on onnxruntime
+    >= 1.21, load the pip-installed CUDA/cuDNN (nvidia-* wheels) before the session."""
     import onnxruntime as ort
+    from onnxruntime.capi import build_and_package_info as build
+
+    from .gpu_driver import check_driver
+    check_driver(getattr(build, "cuda_version", None), f"onnxruntime-gpu {ort.__version__}")
     if hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls(cuda=True, cudnn=True, msvc=False)

@@ -53,9 +53,10 @@ class TrtDenoiser:
             feeds["class"] = (xp.full((x.shape[0],), self.null_class, dtype=xp.int64)
                               if classes is None else xp.asarray(classes, dtype=xp.int64))
         if self._batch != x.shape[0]:
-            self.engine.allocate(int(x.shape[0]))
-            if self.cuda_graph and hasattr(self.engine, "capture_graph"):
-                self.engine.capture_graph(int(x.shape[0]))
+            if self.cuda_graph:
+                self.engine.capture_graph(int(x.shape[0]))   # allocates; falls back to plain enqueue
+            else:
+                self.engine.allocate(int(x.shape[0]))
             self._batch = int(x.shape[0])
         return self.engine.infer(feeds)["out"]
 
