@@ -217,7 +217,7 @@ class TrtEngine:
             if err == cudart.cudaError_t.cudaSuccess:
                 self._graph_exec = graph_exec
                 return True
-        elif graph is not None and int(graph) != 0:
+        elif decision == "discard":              # "fallback": capture invalidated, no graph was made
             cudart.cudaGraphDestroy(graph)
         cudart.cudaGetLastError()                # clear the capture error
         self._graph_failed = True
