@@ -2,7 +2,7 @@
 
     cxr-export onnx --ckpt runs/tiny --precision fp16          # -> runs/tiny/checkpoints/step_..fp16.onnx
     cxr-export onnx --ckpt model-10.pt --config configs/cxr128.yaml --out unet.onnx
-    cxr-export trt --onnx unet.fp16.onnx --precision fp16 --batch 1:8:32 --timing-cache trt.cache
+    cxr-export trt --onnx unet.fp16.onnx --batch 1:8:32 --timing-cache trt.cache   # fp16: the ONNX's precision
     cxr-export verify unet.fp16.onnx --ckpt runs/tiny
 """
 from __future__ import annotations
@@ -71,12 +71,13 @@ def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, ops
 @main.command("trt")
 @click.option("--onnx", "onnx_path", required=True, help="ONNX file written by cxr-export onnx.")
 @click.option("--out", default=None, help="Output engine file (default: beside the ONNX).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Engine precision; it must be the ONNX's own (the default).")
 @click.option("--batch", default=None, help="MIN:OPT:MAX optimization profile (default: the ONNX's).")
 @click.option("--timing-cache", default=None, help="Timing cache file: loaded if present, saved after the build.")
 @click.option("--workspace", default=4.0, type=float, show_default=True, help="Builder workspace limit in GB.")
 @cli_errors
-def trt_cmd(onnx_path: str, out: str | None, precision: str, batch: str | None, timing_cache: str | None,
+def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str | None, timing_cache: str | None,
             workspace: float) -> None:
     """Build a TensorRT engine (header with metadata + plan) from a cxr-export ONNX."""
     from .trt_build import build_engine, parse_batch

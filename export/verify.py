@@ -86,16 +86,21 @@ def torch_runner(wrapper: Any, io: dict[str, Any]) -> Runner:
 
 def ort_runner(path: str | Path, provider: str = "cpu") -> Runner:
     import onnxruntime as ort
+
+    from cxr_ddpm.runtime.backends.onnx import check_session_provider, preload_gpu_libraries
     providers = {"cpu": ["CPUExecutionProvider"],
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise CxrError("--provider cuda: this onnxruntime has no CUDA provider (pip install 'cxr-ddpm[gpu]')")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if provider != "cpu":
+        preload_gpu_libraries()
     try:
         sess = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:
         raise CxrError(f"{path}: onnxruntime cannot load it ({' '.join(str(e).split())[:160]})") from None
+    check_session_provider(sess, provider, str(path))   # no silent CPU fallback
     return lambda feeds: sess.run(["out"], feeds)[0]
 
 

@@ -8,7 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from cxr_ddpm.export.cli import main
-from cxr_ddpm.export.trt_build import BuildPlan, parse_batch, plan_build, profile_shapes, trt_major
+from cxr_ddpm.export.trt_build import (BuildPlan, engine_metadata, parse_batch, plan_build, profile_shapes,
+                                       trt_major)
+from cxr_ddpm.runtime.backends.gpu_driver import driver_problem
+from cxr_ddpm.runtime.backends.tensorrt import capture_decision, shape_problem
 from cxr_ddpm.runtime.errors import CxrError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -32,29 +35,73 @@ def test_trt_major() -> None:
 
 
 @pytest.mark.parametrize("version, precision, onnx_precision, want", [
-    ("10.13.0.35", "fp32", "fp32", BuildPlan(False, ())),
-    ("10.13.0.35", "fp16", "fp32", BuildPlan(False, ("FP16",))),      # weakly typed + builder flag
-    ("10.13.0.35", "bf16", "fp32", BuildPlan(False, ("BF16",))),
-    ("10.13.0.35", "fp16", "fp16", BuildPlan(True, ())),               # types from the graph
-    ("11.4.0.106", "fp32", "fp32", BuildPlan(False, ())),
-    ("11.4.0.106", "fp16", "fp16", BuildPlan(False, ())),              # always strongly typed on 11
+    # strongly typed on 10 as on 11 (11 has no other mode: the flag is not passed), TF32 always cleared
+    ("10.13.0.35", "fp32", "fp32", BuildPlan("fp32", True, ("TF32",))),
+    ("10.13.0.35", "fp16", "fp16", BuildPlan("fp16", True, ("TF32",))),
+    ("11.4.0.106", "fp32", "fp32", BuildPlan("fp32", False, ("TF32",))),
+    ("11.4.0.106", "fp16", "fp16", BuildPlan("fp16", False, ("TF32",))),
+    # no --precision: the ONNX's own (the README's `cxr-export trt --onnx cxr128.onnx`)
+    ("11.4.0.106", None, "fp32", BuildPlan("fp32", False, ("TF32",))),
+    ("10.13.0.35", None, "fp16", BuildPlan("fp16", True, ("TF32",))),
 ])
-def test_plan_build(version: str, precision: str, onnx_precision: str, want: BuildPlan) -> None:
+def test_plan_build(version: str, precision: str | None, onnx_precision: str, want: BuildPlan) -> None:
     assert plan_build(version, precision, onnx_precision) == want
 
 
 @pytest.mark.parametrize("version, precision, onnx_precision, needle", [
+    # a weakly typed fp16 build of an fp32 ONNX could run the time embedding in fp16: refused on 10 too
+    ("10.13.0.35", "fp16", "fp32", "export with cxr-export onnx --precision fp16"),
     ("11.4.0.106", "fp16", "fp32", "export with cxr-export onnx --precision fp16"),
-    ("11.4.0.106", "bf16", "fp32", "TensorRT 11 has no BF16 builder flag"),
-    ("10.13.0.35", "fp32", "fp16", "the ONNX is fp16, which builds an fp16 engine only"),
-    ("11.4.0.106", "bf16", "fp16", "the ONNX is fp16"),
+    ("10.13.0.35", "bf16", "fp32", "cxr-export onnx writes no bf16 ONNX"),
+    ("11.4.0.106", "bf16", "fp16", "cxr-export onnx writes no bf16 ONNX"),
+    ("10.13.0.35", "fp32", "fp16", "the ONNX is fp16"),
     ("8.6.1", "fp16", "fp32", "too old: cxr-export trt needs TensorRT 10"),
     ("10.13.0.35", "int8", "fp32", "use one of fp32, fp16, bf16"),
+    ("10.13.0.35", None, "bf16", "ONNX precision 'bf16' is not one cxr-export writes"),
 ])
-def test_plan_build_refuses(version: str, precision: str, onnx_precision: str, needle: str) -> None:
+def test_plan_build_refuses(version: str, precision: str | None, onnx_precision: str, needle: str) -> None:
     with pytest.raises(CxrError) as e:
         plan_build(version, precision, onnx_precision)
-    assert needle in str(e.value)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_engine_metadata_records_tf32() -> None:
+    doc = engine_metadata({"precision": "fp32"}, trt_version="10.13.0.35", gpu="H100", compute_capability="9.0",
+                          onnx_sha256="0" * 64, precision="fp32", batch=(1, 2, 4), tf32=False)
+    assert doc["tensorrt"]["tf32"] is False and doc["tensorrt"]["onnx_precision"] == "fp32"
+
+
+def test_shape_problem() -> None:
+    ok = shape_problem("e", 2, {"x": True, "t": True}, {"out": (2, 1, 32, 32)})
+    assert ok is None
+    refused = shape_problem("e", 99, {"x": False, "t": True}, {"out": (99, 1, 32, 32)})
+    assert refused == "e: TensorRT refused the input shape(s) of x at batch 99"
+    unresolved = shape_problem("e", 2, {"x": True, "t": True}, {"out": (-1, 1, 32, 32)})
+    assert unresolved == "e: TensorRT left output shape(s) unresolved at batch 2: out[-1, 1, 32, 32]"
+
+
+@pytest.mark.parametrize("enqueue_ok, end_error, want", [
+    (True, "cudaSuccess", "use"),
+    (False, "cudaSuccess", "discard"),                         # graph made but not usable: destroy it
+    (True, "cudaErrorStreamCaptureInvalidated", "fallback"),   # no graph; clear the error, plain enqueue
+    (False, "cudaErrorStreamCaptureInvalidated", "fallback"),  # the enqueue error is not masked
+    (True, "cudaErrorIllegalAddress", "error"),
+])
+def test_capture_decision(enqueue_ok: bool, end_error: str, want: str) -> None:
+    assert capture_decision(enqueue_ok, end_error) == want
+
+
+@pytest.mark.parametrize("driver, needed, ok", [
+    (13000, "13.0", True), (13020, "13.1", True),   # minor version compatibility within 13.x
+    (12080, "13.0", False), (12080, "12.9", True),  # a CUDA 12 cluster with the CUDA 12 builds passes
+    (None, "13.0", False), (12080, "", True),
+])
+def test_driver_problem(driver: int | None, needed: str, ok: bool) -> None:
+    msg = driver_problem(driver, needed, "cuda-python")
+    assert (msg is None) == ok
+    if driver == 12080 and not ok:
+        assert msg == ("the NVIDIA driver supports CUDA 12.8 but cuda-python is built for CUDA 13: update the "
+                       "driver (CUDA 13: R580 or newer) or install the CUDA 12 builds (README, GPU install)")
 
 
 def test_profile_shapes() -> None:
@@ -90,12 +137,12 @@ def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) 
     from cxr_ddpm.export.verify import verify_artifact
     from cxr_ddpm.runtime.engine_file import read_engine_header
 
-    onnx_precision = "fp16" if precision == "fp16" and trt_major(trt.__version__) >= 11 else "fp32"
-    onnx_path = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", precision=onnx_precision).path
+    onnx_path = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", precision=precision).path
     cache = tmp_path / "timing.cache"
-    engine = build_engine(onnx_path, tmp_path / "tiny.engine", precision=precision, batch=(1, 2, 4),
+    engine = build_engine(onnx_path, tmp_path / "tiny.engine", batch=(1, 2, 4),   # precision: the ONNX's
                           timing_cache=cache, workspace_gb=1)
     meta, _ = read_engine_header(engine)
+    assert meta["tensorrt"]["precision"] == precision and meta["tensorrt"]["tf32"] is False
     assert meta["tensorrt"]["version"] == trt.__version__ and meta["tensorrt"]["onnx_sha256"] == file_sha256(onnx_path)
     assert cache.stat().st_size > 0
     report = verify_artifact(engine, tiny_ckpt, batches=(1, 3), onnx_sha256=file_sha256(onnx_path))

@@ -40,6 +40,59 @@ def available_providers() -> list[str]:
     return [names[p] for p in ort.get_available_providers() if p in names]
 
 
+def provider_problem(requested: str, session_providers: list[str], load_error: str | None = None) -> str | None:
+    """None when the session runs on `requested`; else the one-line refusal.
+
+    ORT falls back to CPU when a listed provider cannot load (missing CUDA/cuDNN
+    libraries) and says so only in its log, which session_options silences.
+    """
+    want = PROVIDERS[requested]
+    if session_providers and session_providers[0] == want:
+        return None
+    got = session_providers[0] if session_providers else "no provider"
+    why = f" ({load_error})" if load_error else ""
+    return (f"--provider {requested}: onnxruntime could not load {want} and would run on {got}"
+            f"{why}; install the CUDA 13 / cuDNN 9 libraries that onnxruntime-gpu needs (see README, GPU)")
+
+
+def provider_load_error(requested: str) -> str | None:
+    """Why ORT's provider library does not load: dlopen it as ORT does; the loader names the first
+    missing library (e.g. 'libcudnn.so.9: cannot open shared object file'). None if it loads."""
+    import ctypes
+    import onnxruntime as ort
+    lib = Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{requested}.so"
+    if not lib.is_file():
+        return None
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as e:
+        return " ".join(str(e).split())[:200]
+    return None
+
+
+def preload_gpu_libraries() -> None:
+    """Driver check (one line if too old for this onnxruntime-gpu's CUDA), then, on onnxruntime
+    >= 1.21, load the pip-installed CUDA/cuDNN (nvidia-* wheels) before the session."""
+    import onnxruntime as ort
+    from onnxruntime.capi import build_and_package_info as build
+
+    from .gpu_driver import check_driver
+    check_driver(getattr(build, "cuda_version", None), f"onnxruntime-gpu {ort.__version__}")
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+        except Exception:  # noqa: BLE001 - best effort; the provider check below has the last word
+            pass
+
+
+def check_session_provider(session: Any, requested: str, source: str) -> None:
+    """Refuse (one line) a session that silently fell back from the requested provider."""
+    problem = provider_problem(requested, list(session.get_providers()))
+    if problem:
+        problem = provider_problem(requested, list(session.get_providers()), provider_load_error(requested))
+        raise CxrError(f"{source}: {problem}")
+
+
 def session_options(*, threads: int | None = None, opt_level: str = "all",
                     mem_pattern: bool = True) -> Any:
     import onnxruntime as ort
@@ -75,11 +128,14 @@ class OrtDenoiser:
                            f"onnxruntime-gpu (pip install 'cxr-ddpm[gpu]')")
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         so = session_options(threads=threads, opt_level=opt_level, mem_pattern=mem_pattern)
+        if provider != "cpu":
+            preload_gpu_libraries()
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
             first = " ".join(str(e).split())[:160]
             raise CxrError(f"{self.path}: not a loadable ONNX model ({first})") from None
+        check_session_provider(self.session, provider, str(self.path))
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         self.meta: dict[str, Any] = parse_metadata(text, str(self.path))
         self.config: Config = config_from_metadata(self.meta, str(self.path))

@@ -1,7 +1,7 @@
 """Run a cxr-ddpm TensorRT engine file: header check, deserialize, fixed buffers, optional CUDA graph.
 
-Torch-free: device memory and streams come from cuda-python (`cuda.bindings.runtime`,
-or the older `cuda.cudart`). TensorRT and cuda-python are imported lazily, so this
+Torch-free: device memory and streams come from cuda-python >= 13 (`cuda.bindings.runtime`;
+the old `from cuda import cudart` is gone in 13.x). TensorRT and cuda-python are imported lazily, so this
 module imports fine on machines without them and only `TrtEngine(...)` fails,
 with one line saying how to install them.
 
@@ -14,6 +14,9 @@ set_tensor_address per tensor -> execute_async_v3(stream).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import numpy as np
 
 from ..engine_file import check_engine_compat, read_engine
 from ..errors import CxrError
+from .gpu_driver import check_driver
 
 INSTALL_HINT = "pip install 'cxr-ddpm[gpu]'"
 
@@ -33,15 +37,24 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+@functools.cache
 def import_cudart() -> Any:
+    """cuda.bindings.runtime (cuda-python >= 12.6; 13.x dropped `from cuda import cudart`), after the
+    driver check: cuda-bindings N.x needs a CUDA N driver."""
     try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        from cuda.bindings import runtime as cudart
     except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise CxrError(f"cuda-python is not installed: {INSTALL_HINT}") from None
+        raise CxrError(f"cuda-python is not installed (>= 13 needed): {INSTALL_HINT}") from None
+    check_driver(_cuda_bindings_version(), "cuda-python")
     return cudart
+
+
+def _cuda_bindings_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("cuda-bindings")
+    except PackageNotFoundError:
+        return None
 
 
 def cuda_call(result: Any) -> Any:
@@ -49,9 +62,13 @@ def cuda_call(result: Any) -> Any:
     err, *values = result if isinstance(result, tuple) else (result,)
     cudart = import_cudart()
     if err != cudart.cudaError_t.cudaSuccess:
-        _, name = cudart.cudaGetErrorName(err)
-        raise CxrError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+        raise CxrError(f"CUDA error {_error_name(cudart, err)}")
     return values[0] if len(values) == 1 else (tuple(values) if values else None)
+
+
+def _error_name(cudart: Any, err: Any) -> str:
+    _, name = cudart.cudaGetErrorName(err)
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def gpu_info(device: int = 0) -> tuple[str, str]:
@@ -63,6 +80,31 @@ def gpu_info(device: int = 0) -> tuple[str, str]:
     prop = cuda_call(cudart.cudaGetDeviceProperties(device))
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
+
+
+def shape_problem(source: str, batch: int, set_ok: dict[str, bool],
+                  out_shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """One line when TensorRT refused an input shape or left an output dim unresolved (-1):
+    sizing a buffer from a -1 dim would allocate a byte and let TensorRT write past it."""
+    bad_in = [n for n, ok in set_ok.items() if not ok]
+    if bad_in:
+        return f"{source}: TensorRT refused the input shape(s) of {', '.join(bad_in)} at batch {batch}"
+    bad_out = [f"{n}{list(s)}" for n, s in out_shapes.items() if any(d < 0 for d in s)]
+    if bad_out:
+        return f"{source}: TensorRT left output shape(s) unresolved at batch {batch}: {', '.join(bad_out)}"
+    return None
+
+
+def capture_decision(enqueue_ok: bool, end_capture_error: str) -> str:
+    """What to do after cudaStreamEndCapture, as trtexec's TrtCudaGraph::endCaptureOnError does:
+    "use" the graph; "discard" it (captured, but the enqueue inside failed: destroy, run plain);
+    "fallback" (capture invalidated, no graph: clear the error, run plain); "error" (a CUDA error
+    that is not about capture: raise)."""
+    if end_capture_error == "cudaErrorStreamCaptureInvalidated":
+        return "fallback"
+    if end_capture_error != "cudaSuccess":
+        return "error"
+    return "use" if enqueue_ok else "discard"
 
 
 class TrtEngine:
@@ -95,9 +137,11 @@ class TrtEngine:
         profile = self.meta["tensorrt"]["profile"]
         self.min_batch, self.max_batch = int(profile["min"]), int(profile["max"])
         self._buffers: dict[str, tuple[int, int]] = {}      # name -> (device pointer, nbytes)
-        self._host_out: dict[str, np.ndarray] = {}
+        self._host_out: dict[str, np.ndarray] = {}     # views of pinned host memory
+        self._host_ptrs: list[int] = []
         self._batch: int | None = None
         self._graph_exec: Any = None
+        self._graph_failed = False
 
     # -- buffers ---------------------------------------------------------------
     def allocate(self, batch: int) -> None:
@@ -106,15 +150,25 @@ class TrtEngine:
             raise CxrError(f"{self.path}: batch {batch} is outside the engine's profile "
                            f"{self.min_batch}..{self.max_batch}; rebuild with --batch")
         self._free_buffers()
-        for name in self.inputs:
-            shape = tuple(batch if d < 0 else d for d in self._engine.get_tensor_shape(name))
-            self._context.set_input_shape(name, shape)
+        shapes = {n: tuple(batch if d < 0 else d for d in self._engine.get_tensor_shape(n)) for n in self.inputs}
+        set_ok = {n: bool(self._context.set_input_shape(n, s)) for n, s in shapes.items()}
+        out_shapes = {n: tuple(self._context.get_tensor_shape(n)) for n in self.outputs}
+        problem = shape_problem(str(self.path), batch, set_ok, out_shapes)
+        if problem:
+            raise CxrError(problem)
+        for name, shape in {**shapes, **out_shapes}.items():
             self._alloc(name, shape)
-        for name in self.outputs:                # output shapes follow from the input shapes
-            shape = tuple(self._context.get_tensor_shape(name))
-            self._alloc(name, shape)
-            self._host_out[name] = np.empty(shape, self._dtypes[name])
+        for name, shape in out_shapes.items():
+            self._host_out[name] = self._pinned(shape, self._dtypes[name])
         self._batch = batch
+
+    def _pinned(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Page-locked host buffer (cudaMallocHost) so the device->host copy is truly asynchronous."""
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        ptr = int(cuda_call(self._cudart.cudaMallocHost(nbytes)))
+        self._host_ptrs.append(ptr)
+        raw = (ctypes.c_byte * nbytes).from_address(ptr)
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def _alloc(self, name: str, shape: tuple[int, ...]) -> None:
         nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
@@ -126,29 +180,50 @@ class TrtEngine:
         self._drop_graph()
         for ptr, _ in self._buffers.values():
             self._cudart.cudaFree(ptr)
-        self._buffers.clear()
         self._host_out.clear()
+        for ptr in self._host_ptrs:
+            self._cudart.cudaFreeHost(ptr)
+        self._host_ptrs.clear()
+        self._buffers.clear()
         self._batch = None
 
     # -- CUDA graph ----------------------------------------------------------------
-    def capture_graph(self, batch: int) -> None:
+    def capture_graph(self, batch: int) -> bool:
         """Capture one enqueue as a CUDA graph: later infer() calls at this batch replay it.
 
-        Our buffers are fixed, so the captured addresses stay valid; inputs are
-        copied into them before the launch on the same stream.
+        Our buffers are fixed, so the captured addresses stay valid; inputs are copied into
+        them before the launch on the same stream. If capture fails, the error is cleared,
+        whatever was made is destroyed and plain enqueue is used (said once), as trtexec does.
+        Returns whether a graph is in use.
         """
         cudart = self._cudart
-        self.allocate(batch)
+        if self._batch != batch:
+            self.allocate(batch)
+        self._drop_graph()
+        if self._graph_failed:
+            return False
         self._enqueue()                          # TensorRT wants one plain enqueue before capture
         cuda_call(cudart.cudaStreamSynchronize(self._stream))
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_call(cudart.cudaStreamBeginCapture(self._stream, mode))
-        try:
-            self._enqueue()
-        finally:
-            graph = cuda_call(cudart.cudaStreamEndCapture(self._stream))
-        self._graph_exec = cuda_call(cudart.cudaGraphInstantiate(graph, 0))
-        cuda_call(cudart.cudaGraphDestroy(graph))
+        enqueue_ok = bool(self._context.execute_async_v3(self._stream))
+        err, graph = cudart.cudaStreamEndCapture(self._stream)
+        decision = capture_decision(enqueue_ok, _error_name(cudart, err))
+        if decision == "error":
+            cuda_call((err,))
+        if decision == "use":
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+            cudart.cudaGraphDestroy(graph)
+            if err == cudart.cudaError_t.cudaSuccess:
+                self._graph_exec = graph_exec
+                return True
+        elif decision == "discard":              # "fallback": capture invalidated, no graph was made
+            cudart.cudaGraphDestroy(graph)
+        cudart.cudaGetLastError()                # clear the capture error
+        self._graph_failed = True
+        print(f"{self.path}: CUDA graph capture failed; running TensorRT without a CUDA graph",
+              file=sys.stderr, flush=True)
+        return False
 
     def _drop_graph(self) -> None:
         if self._graph_exec is not None:
@@ -170,18 +245,25 @@ class TrtEngine:
         if batch != self._batch:
             self.allocate(batch)
         on_device = all(hasattr(feeds[n], "__cuda_array_interface__") for n in self.inputs)
-        if on_device:
-            import cupy
-            cupy.cuda.get_current_stream().synchronize()   # producer kernels ran on CuPy's stream
+        arrays = {}
         for name in self.inputs:
-            ptr, nbytes = self._buffers[name]
             arr = feeds[name]
             if on_device:
                 arr = arr.astype(self._dtypes[name], copy=False)
-                arr = arr if arr.flags.c_contiguous else arr.copy()
+                arrays[name] = arr if arr.flags.c_contiguous else arr.copy()
+            else:
+                arrays[name] = np.ascontiguousarray(arr, dtype=self._dtypes[name])
+        if on_device:
+            import cupy
+            # the producers and the conversions above ran on CuPy's stream: finish them before
+            # the engine's stream reads the memory
+            cupy.cuda.get_current_stream().synchronize()
+        for name in self.inputs:
+            ptr, nbytes = self._buffers[name]
+            arr = arrays[name]
+            if on_device:
                 src, kind = arr.data.ptr, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
             else:
-                arr = np.ascontiguousarray(arr, dtype=self._dtypes[name])
                 src, kind = arr.ctypes.data, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
             if arr.nbytes != nbytes:
                 raise CxrError(f"{self.path}: input '{name}' has shape {tuple(arr.shape)}, the engine "

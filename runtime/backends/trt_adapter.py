@@ -52,9 +52,10 @@ class TrtDenoiser:
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         feeds = model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
         if self._batch != x.shape[0]:
-            self.engine.allocate(int(x.shape[0]))
-            if self.cuda_graph and hasattr(self.engine, "capture_graph"):
-                self.engine.capture_graph(int(x.shape[0]))
+            if self.cuda_graph:
+                self.engine.capture_graph(int(x.shape[0]))   # allocates; falls back to plain enqueue
+            else:
+                self.engine.allocate(int(x.shape[0]))
             self._batch = int(x.shape[0])
         return self.engine.infer(feeds)["out"]
 
