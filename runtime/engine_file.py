@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import CxrError
 from .fsutil import atomic_write
-from .metadata import dumps, parse_metadata
+from .metadata import ArtifactInfo, dumps, read_metadata
 
 MAGIC = b"CXRTRT\x00\x01"
 HEADER_VERSION = 1
@@ -59,6 +59,12 @@ def write_engine(path: str | Path, meta: dict[str, Any], plan: bytes) -> None:
 
 def read_engine_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """(metadata, byte offset of the plan); CxrError for anything that is not a usable engine file."""
+    info, offset = read_engine_info(path)
+    return info.meta, offset
+
+
+def read_engine_info(path: str | Path) -> tuple[ArtifactInfo, int]:
+    """(metadata with its config and schedule, byte offset of the plan), read and checked once."""
     src = str(path)
     try:
         with open(path, "rb") as f:
@@ -86,13 +92,15 @@ def read_engine_header(path: str | Path) -> tuple[dict[str, Any], int]:
         raise CxrError(f"{src}: is a folder, not an engine file") from None
     except OSError as e:
         raise CxrError(f"{src}: cannot read engine file: {e.strerror}") from None
-    meta = parse_metadata(blob, src)
-    _check_trt_section(meta, src)
-    return meta, offset
+    info = read_metadata(blob, src)
+    _check_trt_section(info.meta, src)
+    return info, offset
 
 
-def read_engine(path: str | Path) -> tuple[dict[str, Any], bytes]:
-    meta, offset = read_engine_header(path)
+def read_engine(path: str | Path, header: tuple[dict[str, Any], int] | None = None) -> tuple[dict[str, Any], bytes]:
+    """(metadata, plan). `header`: what read_engine_header already returned, so the header
+    is read and parsed once per open."""
+    meta, offset = header if header is not None else read_engine_header(path)
     with open(path, "rb") as f:
         f.seek(offset)
         return meta, f.read()
@@ -131,13 +139,5 @@ def _check_trt_section(meta: dict[str, Any], source: str) -> None:
         raise CxrError(f"{source}: engine metadata lacks tensorrt.{', tensorrt.'.join(missing)}")
 
 
-def engine_meta_summary(meta: dict[str, Any]) -> str:
-    """One line for logs: what the engine is and where it runs."""
-    trt = meta["tensorrt"]
-    p = trt["profile"]
-    return (f"TensorRT {trt['version']} {trt['precision']} engine for {trt['gpu']} (sm {trt['compute_capability']}), "
-            f"batch {p['min']}..{p['max']} (opt {p['opt']}), {meta['image_size']} px, {meta['objective']}")
-
-
 __all__ = ["MAGIC", "HEADER_VERSION", "is_engine_file", "write_engine", "read_engine_header", "read_engine",
-           "check_engine_compat", "encode_header", "engine_meta_summary"]
+           "check_engine_compat", "encode_header"]

@@ -17,6 +17,7 @@ runtime never silently misreads a new artifact.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import datetime as _dt
 import json
 import subprocess
@@ -47,11 +48,11 @@ def schedule_metadata(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def schedule_from_metadata(meta: dict[str, Any], source: str) -> Schedule:
-    """The artifact's schedule: its stored betas when present (artifacts since 0.2), else
-    rebuilt from its diffusion config (older artifacts); checked against the stored hash."""
+def schedule_from_metadata(meta: dict[str, Any], source: str, cfg: Config | None = None) -> Schedule:
+    """The artifact's schedule: its stored betas when present (newer artifacts), else rebuilt
+    from its diffusion config (older ones); checked against the stored hash."""
     sched_meta = meta["schedule"]
-    cfg = config_from_metadata(meta, source)
+    cfg = cfg or config_from_metadata(meta, source)
     if "betas" in sched_meta:
         betas = np.asarray(sched_meta["betas"], dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] != cfg.diffusion.timesteps:
@@ -98,8 +99,16 @@ def build_metadata(cfg: Config, *, kind: str, class_names: list[str],
     }
 
 
-def parse_metadata(text: str | bytes | None, source: str) -> dict[str, Any]:
-    """Parse and check a metadata document; CxrError naming `source` when it is unusable."""
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """An artifact's metadata, parsed and checked once, with the config and schedule built from it."""
+    meta: dict[str, Any]
+    config: Config
+    schedule: Schedule
+
+
+def read_metadata(text: str | bytes | None, source: str) -> ArtifactInfo:
+    """Parse and check a metadata document once; CxrError naming `source` when it is unusable."""
     if text is None:
         raise CxrError(f"{source}: no '{METADATA_KEY}' metadata (not a cxr-ddpm artifact?)")
     try:
@@ -115,8 +124,13 @@ def parse_metadata(text: str | bytes | None, source: str) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CxrError(f"{source}: metadata format_version {version} is newer than this "
                        f"cxr-ddpm understands ({FORMAT_VERSION}); upgrade cxr-ddpm")
-    schedule_from_metadata(meta, source)            # config and schedule must both be usable
-    return meta
+    cfg = config_from_metadata(meta, source)
+    return ArtifactInfo(meta, cfg, schedule_from_metadata(meta, source, cfg))
+
+
+def parse_metadata(text: str | bytes | None, source: str) -> dict[str, Any]:
+    """The checked metadata document alone (see read_metadata)."""
+    return read_metadata(text, source).meta
 
 
 def config_from_metadata(meta: dict[str, Any], source: str) -> Config:

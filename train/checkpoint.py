@@ -22,7 +22,7 @@ import torch
 from cxr_ddpm.runtime.config import Config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
-from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, config_from_metadata, dumps, parse_metadata
+from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps, read_metadata
 
 from .model import build_unet
 
@@ -137,8 +137,8 @@ def _load_safetensors(path: Path) -> Checkpoint:
         raise
     except (SafetensorError, ValueError, OSError) as e:
         raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
-    meta = parse_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path))
-    cfg = config_from_metadata(meta, str(path))
+    info = read_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path))
+    meta, cfg = info.meta, info.config
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     online = {k[7:]: v for k, v in tensors.items() if k.startswith("online.")}
     return Checkpoint(cfg, ema or None, online or None, int(meta.get("step", 0)),

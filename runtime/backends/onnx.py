@@ -19,7 +19,7 @@ from ..config import Config
 from ..errors import CxrError
 from ..fsutil import file_sha256
 from ..interface import model_inputs
-from ..metadata import METADATA_KEY, config_from_metadata, parse_metadata, schedule_from_metadata
+from ..metadata import METADATA_KEY, read_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -137,9 +137,10 @@ class OrtDenoiser:
             raise CxrError(f"{self.path}: not a loadable ONNX model ({first})") from None
         check_session_provider(self.session, provider, str(self.path))
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.meta: dict[str, Any] = parse_metadata(text, str(self.path))
-        self.config: Config = config_from_metadata(self.meta, str(self.path))
-        self.schedule = schedule_from_metadata(self.meta, str(self.path))
+        info = read_metadata(text, str(self.path))           # parsed and checked once
+        self.meta: dict[str, Any] = info.meta
+        self.config: Config = info.config
+        self.schedule = info.schedule
         self.provider = provider
         self.input_names = [i.name for i in self.session.get_inputs()]
         missing = {"x", "t"} - set(self.input_names)

@@ -110,11 +110,13 @@ def capture_decision(enqueue_ok: bool, end_capture_error: str) -> str:
 class TrtEngine:
     """One engine, one execution context, one stream; buffers sized for the current batch."""
 
-    def __init__(self, path: str | Path, *, onnx_sha256: str | None = None, device: int = 0) -> None:
+    def __init__(self, path: str | Path, *, onnx_sha256: str | None = None, device: int = 0,
+                 header: tuple[dict[str, Any], int] | None = None) -> None:
+        """header: (metadata, plan offset) when the caller already read it (read_engine_header)."""
         trt = import_tensorrt()
         self._cudart = import_cudart()
         self.path = Path(path)
-        self.meta, plan = read_engine(path)
+        self.meta, plan = read_engine(path, header)
         cuda_call(self._cudart.cudaSetDevice(device))
         name, cc = gpu_info(device)
         check_engine_compat(self.meta, trt_version=trt.__version__, gpu_name=name, compute_capability=cc,

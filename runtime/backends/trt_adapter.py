@@ -13,8 +13,6 @@ from typing import Any
 from ..errors import CxrError
 from ..fsutil import file_sha256
 from ..interface import model_inputs
-from ..metadata import config_from_metadata, parse_metadata, schedule_from_metadata
-from ..metadata import dumps as meta_dumps
 
 
 class TrtDenoiser:
@@ -24,19 +22,18 @@ class TrtDenoiser:
                  open_engine: bool = True) -> None:
         """Reads and checks the header first (no TensorRT needed: `inspect` works anywhere);
         open_engine=False stops there, without deserializing the plan."""
-        from ..engine_file import read_engine_header
+        from ..engine_file import read_engine_info
         self.path = Path(path)
-        meta, _ = read_engine_header(self.path)
-        self.meta: dict[str, Any] = parse_metadata(meta_dumps(meta), str(self.path))
+        info, offset = read_engine_info(self.path)      # read, parsed and checked once, here
+        self.meta: dict[str, Any] = info.meta
         self.engine: Any = None
         if open_engine:
             if provider not in ("tensorrt", "cuda"):
                 raise CxrError(f"--provider {provider}: a TensorRT engine runs only on the GPU "
                                f"(use --provider tensorrt, or an .onnx file for cpu)")
             from .tensorrt import TrtEngine
-            self.engine = TrtEngine(self.path)
-        self.config = config_from_metadata(self.meta, str(self.path))
-        self.schedule = schedule_from_metadata(self.meta, str(self.path))
+            self.engine = TrtEngine(self.path, header=(info.meta, offset))
+        self.config, self.schedule = info.config, info.schedule
         self.provider = "tensorrt"
         self.self_condition = bool(self.meta.get("self_condition", self.config.model.self_condition))
         self.null_class = self.meta.get("null_class")
