@@ -25,6 +25,11 @@ _provider = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensor
                          help="execution provider [default: cpu; tensorrt for engine files]")
 _backend = click.option("--backend", type=click.Choice(["onnx", "tensorrt", "torch"]), default=None,
                         help="override the backend chosen from the file")
+_cuda_graph = click.option("--cuda-graph", type=click.Choice(["auto", "on", "off"]), default="auto",
+                           show_default=True,
+                           help="ONNX Runtime CUDA graphs, one per batch size (auto: on with --provider cuda)")
+_arrays = click.option("--arrays", type=click.Choice(["auto", "numpy", "cupy"]), default="auto", show_default=True,
+                       help="sampler math on NumPy or CuPy (auto: CuPy on a GPU provider when installed)")
 _threads = click.option("--threads", type=int, default=None, help="CPU threads [default: CPU allowance]")
 
 
@@ -59,15 +64,18 @@ def _warn_line(message: Any, category: Any, filename: str, lineno: int, file: An
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | None, eta: float | None,
            seed: int, out: Path, grid: Path | None, fmt: str, class_names: tuple[str, ...],
            per_class: int | None, guidance: float, no_clip: bool,
-           provider: str | None, threads: int | None, backend: str | None) -> None:
+           provider: str | None, threads: int | None, backend: str | None,
+           cuda_graph: str, arrays: str) -> None:
     """Write N sampled images, an optional grid and samples.json (exact settings)."""
     from tqdm import tqdm
 
-    from .backends import load_denoiser
+    from .backends import load_denoiser, ort_cuda
     from .fsutil import ensure_writable_dir
     from .guidance import resolve_labels
     from .sampling import check_request, sample_to_dir
@@ -77,7 +85,8 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
         raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLER_NAMES)})")
     if n <= 0:
         raise CxrError(f"-n {n}: the number of images must be >= 1")
-    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads, cuda_graph=cuda_graph)
+    xp = ort_cuda.sampler_arrays(arrays, den.provider)
     labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
     steps = check_request(den, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
     ensure_writable_dir(out)                       # fail before the progress bar starts
@@ -85,12 +94,13 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
         ensure_writable_dir(grid.parent, "grid folder")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # warned once above
+        warnings.simplefilter("always", ort_cuda.GpuFallbackWarning)
         with tqdm(total=n, unit="img", desc=f"{sampler} x{steps}", file=sys.stderr,
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
             rec = sample_to_dir(den, engine, n, out=out, batch_size=batch_size, sampler=sampler,
                                 steps=steps, eta=eta, seed=seed, fmt=fmt, grid=grid,
                                 clip_x0=not no_clip, labels=labels, guidance=guidance,
-                                on_step=lambda b: bar.update(b / steps))
+                                on_step=lambda b: bar.update(b / steps), xp=xp)
     click.echo(f"wrote {n} images to {out}/ ({rec['images_per_s']} images/s)"
                + (f", grid {grid}" if grid else "") + f", settings {out / 'samples.json'}")
 

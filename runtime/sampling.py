@@ -25,6 +25,7 @@ from .fsutil import atomic_write, ensure_writable_dir, file_sha256
 from .metadata import dumps as meta_dumps
 from .outputs import FORMATS, SUFFIX, grid_png, write_image
 from .guidance import guided
+from .backends.ort_cuda import GpuFallbackWarning
 from .samplers import USES_ETA, get_sampler, resolve_steps
 
 StepFn = Callable[[int], None]                # called after each step with the batch size
@@ -97,8 +98,9 @@ def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size:
                   sampler: str, steps: int | None, eta: float | None, seed: int,
                   fmt: str = "png", grid: Path | None = None, clip_x0: bool = True,
                   labels: Sequence[int] | None = None, guidance: float = 1.0,
-                  on_step: StepFn | None = None) -> dict[str, Any]:
+                  on_step: StepFn | None = None, xp: Any = np) -> dict[str, Any]:
     """Write n images (and a grid) under `out` plus samples.json; returns that record.
+    xp: the sampler math's array module (numpy, or cupy to keep x on the GPU).
 
     With class labels, image i goes to out/<class name>/ and the grid has a row per class.
     """
@@ -115,9 +117,10 @@ def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size:
     rows: dict[int, list[np.ndarray]] = {}                            # grid row (class) -> images
     with warnings.catch_warnings():                                   # check_request warned once
         warnings.simplefilter("ignore")
+        warnings.simplefilter("always", GpuFallbackWarning)           # a GPU fallback still shows
         batches = iter_batches(denoiser, n, batch_size=batch_size, sampler=sampler, steps=steps,
                                eta=eta, seed=seed, clip_x0=clip_x0, labels=labels,
-                               guidance=guidance, on_step=on_step)
+                               guidance=guidance, on_step=on_step, xp=xp)
         first = next(batches)
     for start, batch in itertools.chain([first], batches):
         for j, x in enumerate(batch):
@@ -140,6 +143,8 @@ def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size:
         "engine": str(engine), "engine_sha256": file_sha256(engine) if Path(engine).is_file() else None,
         "metadata_sha256": hashlib.sha256(meta_dumps(denoiser.meta).encode()).hexdigest(),
         "backend": denoiser.backend, "provider": denoiser.provider,
+        "precision": denoiser.meta.get("precision"), "arrays": xp.__name__,
+        "cuda_graph": getattr(denoiser, "cuda_graph", None),          # after any fallback
         "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "n": n,
         "batch_size": batch_size, "format": fmt, "clip_x0": clip_x0,
         "guidance": guidance if labels else None,
@@ -160,10 +165,13 @@ def sample_to_dir(denoiser: Any, engine: Path, n: int, *, out: Path, batch_size:
 # benchmark: per-step latency of a full sampling run, in a fresh process per backend
 
 def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpmpp-2m",
-              repeats: int = 1, guidance: float | None = None) -> dict[str, Any]:
+              repeats: int = 1, guidance: float | None = None, xp: Any = np) -> dict[str, Any]:
     """Time `repeats` runs of `steps` steps after one warm-up step; latencies per step.
-    guidance: time classifier-free guided sampling (class 0, weight W) instead."""
-    guide = {} if guidance is None else {"labels": [0] * batch_size, "guidance": guidance}
+    guidance: time classifier-free guided sampling (class 0, weight W) instead.
+    xp: the sampler math's array module (numpy or cupy)."""
+    guide: dict[str, Any] = {"xp": xp}
+    if guidance is not None:
+        guide.update(labels=[0] * batch_size, guidance=guidance)
     first = time.time()
     next(iter_batches(denoiser, batch_size, batch_size=batch_size, sampler="ddim", steps=1, **guide))
     first_step_at = time.time()
@@ -177,7 +185,7 @@ def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpm
         totals.append(stamps[-1] - stamps[0])
     lat_ms = np.array(lat) * 1e3
     return {"backend": denoiser.backend, "provider": denoiser.provider, "batch_size": batch_size,
-            "guidance": guidance,
+            "guidance": guidance, "arrays": xp.__name__, "cuda_graph": getattr(denoiser, "cuda_graph", None),
             "steps": steps, "sampler": sampler, "step_ms_median": float(np.median(lat_ms)),
             "step_ms_p90": float(np.percentile(lat_ms, 90)),
             "images_per_s": float(batch_size / np.median(totals)),
