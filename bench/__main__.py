@@ -34,7 +34,8 @@ def run_section(name: str, out: Path, quick: bool) -> Path:
     if name == "guidance":
         return (guidance.run(out, models=(("tiny", 32),), batches=(2,), runs=2) if quick
                 else guidance.run(out))
-    return gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2) if quick else gpu.run(out)
+    return (gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2, sampling=("tiny", 32), step_batch=1,
+                    e2e_batch=2, e2e_steps=2, e2e_repeats=1) if quick else gpu.run(out))
 
 
 def main(argv: list[str] | None = None) -> int:
