@@ -86,7 +86,7 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     if n <= 0:
         raise CxrError(f"-n {n}: the number of images must be >= 1")
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads, cuda_graph=cuda_graph)
-    xp = ort_cuda.sampler_arrays(arrays, den.provider)
+    xp = ort_cuda.sampler_arrays(arrays, den.provider, den.backend)
     labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
     steps = check_request(den, n, batch_size=batch_size, sampler=sampler, steps=steps, eta=eta)
     ensure_writable_dir(out)                       # fail before the progress bar starts
@@ -156,24 +156,28 @@ def inspect(engine: Path, as_json: bool, backend: str | None) -> None:
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | None,
-          guidance: float | None, provider: str | None, threads: int | None, backend: str | None) -> None:
+          guidance: float | None, provider: str | None, threads: int | None, backend: str | None,
+          cuda_graph: str, arrays: str) -> None:
     """Per-step latency (median, p90), images/s, peak RSS and start-up time, each backend
     in a fresh process (so the ORT numbers never include torch)."""
     if batch_size <= 0 or steps <= 0 or repeats <= 0:
         raise CxrError("--batch-size, --steps and --repeats must be >= 1")
     if ckpt is not None and not ckpt.exists():
         raise CxrError(f"--ckpt {ckpt}: checkpoint not found")
+    gpu = {"cuda_graph": cuda_graph, "arrays": arrays}
     runs = [bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
-                                batch_size=batch_size, steps=steps, repeats=repeats)]
+                                batch_size=batch_size, steps=steps, repeats=repeats, **gpu)]
     if ckpt is not None:
         runs.append(bench_in_subprocess(ckpt, backend="torch", provider=provider if provider == "cuda" else None,
                                         threads=threads, batch_size=batch_size, steps=steps, repeats=repeats))
     if guidance is not None:
         runs.append(bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
                                         batch_size=batch_size, steps=steps, repeats=repeats,
-                                        guidance=guidance))
+                                        guidance=guidance, **gpu))
     keys = [("step_ms_median", "step ms (median)"), ("step_ms_p90", "step ms (p90)"),
             ("images_per_s", f"images/s ({steps} steps)"), ("peak_rss_mib", "peak RSS MiB"),
             ("start_to_first_step_s", "start to first step s")]
@@ -191,11 +195,12 @@ def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | 
 
 def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | None, threads: int | None,
                         batch_size: int, steps: int, repeats: int,
-                        guidance: float | None = None) -> dict[str, Any]:
+                        guidance: float | None = None, cuda_graph: str | None = None,
+                        arrays: str | None = None) -> dict[str, Any]:
     args = [sys.executable, "-m", "cxr_ddpm.runtime.cli", "bench-worker", str(engine),
             "--batch-size", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
     for flag, value in (("--backend", backend), ("--provider", provider), ("--threads", threads),
-                        ("--guidance", guidance)):
+                        ("--guidance", guidance), ("--cuda-graph", cuda_graph), ("--arrays", arrays)):
         if value is not None:
             args += [flag, str(value)]
     started = time.time()
@@ -217,16 +222,20 @@ def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | No
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, guidance: float | None,
-                 provider: str | None, threads: int | None, backend: str | None) -> None:
+                 provider: str | None, threads: int | None, backend: str | None,
+                 cuda_graph: str, arrays: str) -> None:
     """One backend's numbers as a JSON line (run by `bench` in a fresh process)."""
-    from .backends import load_denoiser
+    from .backends import load_denoiser, ort_cuda
     from .sampling import bench_run
-    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads, cuda_graph=cuda_graph)
+    xp = ort_cuda.sampler_arrays(arrays, den.provider, den.backend)
     if guidance is not None and den.config.model.num_classes == 0:
         raise CxrError(f"--guidance: {engine} is an unconditional model")
-    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance)
+    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance, xp=xp)
     rec["torch_imported"] = "torch" in sys.modules
     click.echo(json.dumps(rec))
 

@@ -63,6 +63,8 @@ def test_cuda_graph_refusals(mode: str, provider: str, needle: str) -> None:
 ])
 def test_array_choice(mode: str | None, provider: str, problem: str | None, want: str) -> None:
     assert choose_arrays(mode, provider, problem) == want
+    if mode != "cupy":                                                 # the torch backend takes NumPy
+        assert choose_arrays(mode, provider, problem, "torch") == "numpy"
 
 
 @pytest.mark.parametrize("mode,provider,problem,needle", [
@@ -73,6 +75,8 @@ def test_array_choice(mode: str | None, provider: str, problem: str | None, want
 def test_array_refusals(mode: str, provider: str, problem: str | None, needle: str) -> None:
     with pytest.raises(CxrError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         choose_arrays(mode, provider, problem)
+    with pytest.raises(CxrError, match="the torch backend takes NumPy"):
+        choose_arrays("cupy", "cuda", None, "torch")
 
 
 def test_cpu_never_probes_cupy() -> None:

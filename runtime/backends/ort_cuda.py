@@ -55,17 +55,20 @@ def resolve_cuda_graph(mode: str | None, provider: str) -> bool:
     return mode != "off" and provider == "cuda"
 
 
-def choose_arrays(mode: str | None, provider: str, cupy_problem: str | None) -> str:
+def choose_arrays(mode: str | None, provider: str, cupy_problem: str | None, backend: str = "onnx") -> str:
     """'cupy' or 'numpy' for the sampler math.
 
-    auto: CuPy when the denoiser runs on CUDA and CuPy works (cupy_problem is None), so x never
+    auto: CuPy when the denoiser runs on CUDA, takes CuPy arrays (the ONNX Runtime and TensorRT
+    backends; the PyTorch reference takes NumPy) and CuPy works (cupy_problem is None), so x never
     leaves the GPU; NumPy otherwise. cupy: refused with one line when it cannot be honoured.
     """
     mode = mode or "auto"
     if mode not in ARRAY_MODES:
         raise CxrError(f"--arrays {mode!r} is unknown (valid: {', '.join(ARRAY_MODES)})")
-    gpu = provider in ("cuda", "tensorrt")
+    gpu = provider in ("cuda", "tensorrt") and backend in ("onnx", "tensorrt")
     if mode == "cupy":
+        if backend not in ("onnx", "tensorrt"):
+            raise CxrError(f"--arrays cupy: the {backend} backend takes NumPy arrays")
         if not gpu:
             raise CxrError(f"--arrays cupy needs a GPU provider (--provider cuda), got {provider}")
         if cupy_problem:
@@ -90,11 +93,11 @@ def cupy_problem() -> str | None:
     return None
 
 
-def sampler_arrays(mode: str | None, provider: str) -> Any:
+def sampler_arrays(mode: str | None, provider: str, backend: str = "onnx") -> Any:
     """The array module (numpy or cupy) for the sampler math; CuPy is probed only when it could
     be chosen, so CPU runs never import it."""
-    probe = (mode or "auto") != "numpy" and provider in ("cuda", "tensorrt")
-    if choose_arrays(mode, provider, cupy_problem() if probe else None) == "cupy":
+    probe = (mode or "auto") != "numpy" and provider in ("cuda", "tensorrt") and backend != "torch"
+    if choose_arrays(mode, provider, cupy_problem() if probe else None, backend) == "cupy":
         import cupy
         return cupy
     return np
