@@ -141,6 +141,16 @@ def test_train_section_one_rank(tmp_path: Path, cxr_mini: Path) -> None:
     assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["peak_mem_mib_per_rank"] > 0, rows
 
 
+def test_train_mfu_column_only_on_cuda() -> None:
+    import torch
+    rows = [{"images_per_s": 10.0}, {"error": "x"}]
+    note = train.add_mfu(rows, str(ROOT / "configs" / "tiny.yaml"))
+    if torch.cuda.is_available():
+        assert note.startswith("MFU = 3 x") and 0 < rows[0]["mfu_vs_bf16_peak"] < 1 and "mfu_vs_bf16_peak" not in rows[1]
+    else:
+        assert note == "MFU: n/a (no CUDA device; CPU ranks)" and "mfu_vs_bf16_peak" not in rows[0]
+
+
 def test_train_failure_is_recorded_not_raised(tmp_path: Path, cxr_mini: Path) -> None:
     row = train.run_one(str(ROOT / "configs" / "tiny.yaml"), str(tmp_path / "missing"), 0, "fp32",
                         tmp_path / "run", ranks=1, threads=1, global_batch=2, steps=1)
