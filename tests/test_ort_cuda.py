@@ -136,6 +136,27 @@ def test_io_types_refuse_what_is_not_fed(tmp_path: Path) -> None:
         session_io_types(sess)
 
 
+def test_graph_runner_buffers_on_cpu(onnx_path: Path) -> None:
+    """The runner's bookkeeping with ORT's CPU device standing in for CUDA (the CPU provider ignores
+    gpu_graph_id): one slot per batch size bound once, inputs copied in every call, each output a
+    fresh array equal to a plain run, none overwritten by later calls."""
+    from cxr_ddpm.runtime.backends.ort_cuda import GraphRunner
+    den = load_denoiser(onnx_path, threads=1)
+    runner = GraphRunner(den.session, np.float32, device="cpu")
+    outs, wants = [], []
+    for k in range(3):
+        for b in (2, 1):
+            x, t = _inputs(b, k)
+            outs.append(runner(den.feeds(x, t)))
+            wants.append(den(x, t))
+    assert len(runner.slots) == 2 and [s.runs for s in runner.slots.values()] == [3, 3]
+    ids = sorted(s.run_options.get_run_config_entry("gpu_graph_id") for s in runner.slots.values())
+    assert ids == ["1", "2"]
+    for got, want in zip(outs, wants):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.array_equal(outs[0], outs[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: CUDA graphs and CuPy against the plain paths (skipped without a GPU)
 
@@ -153,17 +174,17 @@ def test_cuda_graph_matches_plain_cuda(onnx_path: Path, arrays: str) -> None:
     graph = load_denoiser(onnx_path, provider="cuda", cuda_graph="on")
     plain = load_denoiser(onnx_path, provider="cuda", cuda_graph="off")
     assert graph.cuda_graph is True and plain.cuda_graph is False
-    outs = []
+    host = (lambda a: a) if xp is np else xp.asnumpy
+    outs, wants = [], []
     for k in range(6):
         for b in (4, 1):
             x, t = _inputs(b, k)
-            got, want = graph(xp.asarray(x), xp.asarray(t)), plain(xp.asarray(x), xp.asarray(t))
-            outs.append(got)
-            np.testing.assert_allclose(xp.asnumpy(got) if xp is not np else got,
-                                       xp.asnumpy(want) if xp is not np else want, atol=1e-4, rtol=1e-4)
+            outs.append(graph(xp.asarray(x), xp.asarray(t)))
+            wants.append(plain(xp.asarray(x), xp.asarray(t)))
     assert graph.cuda_graph is True and len(graph._graphs.slots) == 2
-    first, last = (xp.asnumpy(o) if xp is not np else o for o in (outs[0], outs[-2]))
-    assert not np.array_equal(first, last)               # the reused buffer did not leak into old outputs
+    for got, want in zip(outs, wants):                   # compared at the end: no output was overwritten
+        np.testing.assert_allclose(host(got), host(want), atol=1e-4, rtol=1e-4)
+    assert not np.array_equal(host(outs[0]), host(outs[-2]))
 
 
 @pytest.mark.gpu

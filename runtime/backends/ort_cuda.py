@@ -133,9 +133,9 @@ class _Slot:
     """One batch size: device buffers bound once, its own IO binding and graph id."""
 
     def __init__(self, session: Any, feeds: dict[str, Any], out_dtype: Any, graph_id: int,
-                 on_device: bool) -> None:
+                 on_device: bool, device: str) -> None:
         import onnxruntime as ort
-        self.on_device, self.runs = on_device, 0
+        self.on_device, self.runs, self.cpu = on_device, 0, device == "cpu"
         self.binding = session.io_binding()
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -149,8 +149,8 @@ class _Slot:
             self.binding.bind_output("out", "cuda", 0, self.out.dtype.type, list(shape), self.out.data.ptr)
         else:                          # NumPy callers: ORT-owned device buffers, update_inplace
             ov = ort.OrtValue.ortvalue_from_shape_and_type
-            self.inputs = {k: ov(list(v.shape), v.dtype.type, "cuda", 0) for k, v in feeds.items()}
-            self.out = ov(list(shape), out_dtype, "cuda", 0)
+            self.inputs = {k: ov(list(v.shape), v.dtype.type, device, 0) for k, v in feeds.items()}
+            self.out = ov(list(shape), out_dtype, device, 0)
             for k, val in self.inputs.items():
                 self.binding.bind_ortvalue_input(k, val)
             self.binding.bind_ortvalue_output("out", self.out)
@@ -163,7 +163,10 @@ class _Slot:
                 self.inputs[k].update_inplace(arr)    # host-to-device, synchronous
 
     def result(self) -> Any:
-        return self.out.copy() if self.on_device else self.out.numpy()
+        if self.on_device:
+            return self.out.copy()
+        out = self.out.numpy()          # a fresh host copy of a CUDA value; a view of a CPU one
+        return out.copy() if self.cpu else out
 
 
 class GraphRunner:
@@ -173,8 +176,8 @@ class GraphRunner:
     `CaptureFailed` when a graph's warm-up or capture runs fail (the caller falls back).
     """
 
-    def __init__(self, session: Any, out_dtype: Any = np.float32) -> None:
-        self.session, self.out_dtype = session, out_dtype
+    def __init__(self, session: Any, out_dtype: Any = np.float32, device: str = "cuda") -> None:
+        self.session, self.out_dtype, self.device = session, out_dtype, device  # device: cpu in tests
         self.slots: dict[tuple[Any, ...], _Slot] = {}
 
     def __call__(self, feeds: dict[str, Any]) -> Any:
@@ -183,7 +186,7 @@ class GraphRunner:
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slots[key] = _Slot(self.session, feeds, self.out_dtype, len(self.slots) + 1,
-                                           on_device)
+                                           on_device, self.device)
         slot.load(feeds)
         if on_device:
             sync_cupy()
