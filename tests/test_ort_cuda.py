@@ -106,6 +106,35 @@ def test_cpu_run_records_its_path(onnx_path: Path, tmp_path: Path) -> None:
     assert (rec["arrays"], rec["cuda_graph"], rec["provider"], rec["precision"]) == ("numpy", False, "cpu", "fp32")
 
 
+def test_gpu_fallback_warning_survives_sampling_filters(onnx_path: Path, tmp_path: Path) -> None:
+    """sample_to_dir silences repeated user warnings while it samples; a GPU fallback raised
+    mid-run (as a failed CUDA graph capture is) must still reach the user, once."""
+    import warnings
+
+    from cxr_ddpm.runtime.backends.ort_cuda import GpuFallbackWarning, warn_fallback
+    from cxr_ddpm.runtime.sampling import sample_to_dir
+    den = load_denoiser(onnx_path, threads=1)
+
+    class FallsBackOnce:                      # the real denoiser; its first call reports a fallback
+        def __init__(self) -> None:
+            self.warned = False
+
+        def __getattr__(self, name: str):
+            return getattr(den, name)
+
+        def __call__(self, *a, **k):
+            if not self.warned:
+                self.warned = True
+                warn_fallback("model.onnx: CUDA graph capture failed", RuntimeError("capture\n failed"))
+            return den(*a, **k)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sample_to_dir(FallsBackOnce(), onnx_path, 2, out=tmp_path, batch_size=2, sampler="dpmpp-2m",
+                      steps=2, eta=None, seed=0)
+    msgs = [str(w.message) for w in caught if w.category is GpuFallbackWarning]
+    assert msgs == ["model.onnx: CUDA graph capture failed; running without CUDA graphs (capture failed)"]
+
+
 def test_fp16_graph_through_the_runtime(onnx_path: Path, fp16_path: Path) -> None:
     """fp16 weights/activations, fp32 I/O: the runtime feeds what the graph declares and the
     sampler math stays fp32; images agree with the fp32 model to fp16 accuracy."""
