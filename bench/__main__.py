@@ -37,7 +37,8 @@ def run_section(name: str, out: Path, quick: bool) -> Path:
     if name == "loader":
         return (loader.run(out, sizes=(32,), workers=(0,), seconds=0.1, rounds=1, megapixels=(0.3,)) if quick
                 else loader.run(out))
-    return gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2) if quick else gpu.run(out)
+    return (gpu.run(out, models=(("tiny", 32),), batches=(1,), runs=2, sampling=("tiny", 32), step_batch=1,
+                    e2e_batch=2, e2e_steps=2, e2e_repeats=1) if quick else gpu.run(out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Section 5: the denoiser on a CUDA GPU: eager fp32/bf16, CUDA graphs, ORT CUDA / TensorRT EP, MFU.
+"""Section 5: the denoiser on a CUDA GPU: eager fp32/bf16, CUDA graphs, ORT CUDA / TensorRT EP, MFU;
+then the torch-free runtime sampling on CUDA (bench/gpu_sampling.py: ORT fp32/fp16, CUDA graphs,
+CuPy vs NumPy sampler arrays, end to end at batch 64).
 
 Without CUDA it writes gpu.json/gpu.md saying the section is pending and why, plus the
 FLOPs per image (counted on CPU) that the MFU will be computed from.
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+from . import gpu_sampling
 from .common import fresh_artifacts, md_table, stats, write_section
 from .denoiser import flops_per_image, load_unet
 
@@ -80,7 +83,8 @@ def variants(arts: dict[str, Path], size: int, batch: int) -> dict[str, Callable
 
 
 def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr128", 128)),
-        batches: tuple[int, ...] = (1, 16), runs: int = 20) -> Path:
+        batches: tuple[int, ...] = (1, 16), runs: int = 20, sampling: tuple[str, int] = ("cxr128", 128),
+        step_batch: int = 16, e2e_batch: int = 64, e2e_steps: int = 20, e2e_repeats: int = 3) -> Path:
     import torch
     flops = []
     for model, size in models:
@@ -89,9 +93,12 @@ def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr
     if not torch.cuda.is_available():
         why = ("pending: no CUDA device visible to this process (this benchmark run was on a CPU-only machine; "
                "the session was not lent a GPU). Re-run `python -m bench gpu --out bench/results` on a GPU machine.")
-        doc = {"status": "pending", "why": why, "flops": flops, "rows": []}
+        doc = {"status": "pending", "why": why, "flops": flops, "rows": [],
+               "sampling_status": "pending", "sampling_planned": gpu_sampling.planned()}
         md = (f"## GPU\n\n{why}\n\nFLOPs per image per denoiser call (counted on CPU):\n\n"
-              + md_table(flops, [("model", "model"), ("px", "px"), ("gflops_per_image", "GFLOP")]))
+              + md_table(flops, [("model", "model"), ("px", "px"), ("gflops_per_image", "GFLOP")])
+              + "\nPending sampling rows (runtime on CUDA, side by side):\n\n"
+              + "".join(f"- {p}\n" for p in gpu_sampling.planned()))
         return write_section(out, "gpu", doc, md)
     peak = bf16_peak_tflops()
     rows = []
@@ -109,12 +116,20 @@ def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr
         trt = "tensorrt importable; native engines: cxr-export trt + cxr-runtime bench"
     except ImportError:
         trt = "tensorrt not installed: no TensorRT rows"
+    s_model, s_px = sampling
+    s_arts = fresh_artifacts(s_model, [f"model.image_size={s_px}"], ("fp32", "fp16"))
+    samp = gpu_sampling.run_all(s_arts, s_model, s_px, rows, step_batch=step_batch, e2e_batch=e2e_batch,
+                                steps=e2e_steps, runs=runs, repeats=e2e_repeats)
     doc = {"status": "measured", "bf16_matmul_peak_tflops": round(peak, 1), "tensorrt": trt,
-           "flops": flops, "rows": rows, "gpu_name": torch.cuda.get_device_name(0)}
+           "flops": flops, "rows": rows, "gpu_name": torch.cuda.get_device_name(0), **samp}
     md = (f"## GPU ({doc['gpu_name']}, bf16 matmul peak {peak:.0f} TFLOP/s measured)\n\n{trt}\n\n"
           + md_table(rows, [("model", "model"), ("px", "px"), ("batch", "batch"), ("variant", "variant"),
                             ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("images_per_s", "images/s"),
-                            ("mfu_vs_bf16_peak", "MFU")]))
+                            ("mfu_vs_bf16_peak", "MFU")])
+          + f"\n### Runtime sampling on CUDA ({samp['sampling_status']})\n\nDenoiser step:\n\n"
+          + md_table(samp["sampling_step_rows"], gpu_sampling.STEP_COLS)
+          + f"\nEnd to end (dpmpp-2m {e2e_steps} steps, batch {e2e_batch}; start-up separate):\n\n"
+          + md_table(samp["sampling_e2e_rows"], gpu_sampling.E2E_COLS))
     return write_section(out, "gpu", doc, md)
 
 

@@ -68,6 +68,10 @@ def write_readme_snippet(out: Path, rel: str = "bench/results") -> Path:
     if gpu:
         parts.append("### GPU\n\n" + (gpu["why"] if gpu["status"] == "pending" else
                                        f"See `{rel}/gpu.md` ({gpu.get('gpu_name')}).") + "\n\n")
+        if gpu.get("sampling_planned") and gpu["status"] == "pending":
+            parts.append(f"Pending GPU rows for the runtime ({len(gpu['sampling_planned'])}, listed in "
+                         f"`{rel}/gpu.md`): ORT CUDA fp32/fp16, with and without CUDA graphs, CuPy vs NumPy "
+                         f"sampler arrays; step at batch 16 and end to end at batch 64, dpmpp-2m 20 steps.\n\n")
     if machine:
         v = machine["versions"]
         parts.append(f"Machine: {machine['cpu']}, {machine['cpu_allowance']} cores usable, {machine['ram_gib']} GiB RAM, "

@@ -100,6 +100,28 @@ def step_overhead(config: str, data: str, tmp: Path, *, micro_batch: int, steps:
     return rows
 
 
+def add_mfu(rows: list[dict], config: str) -> str:
+    """MFU column on CUDA: 3 x forward FLOPs per image (forward + backward) x images/s over the
+    bf16 matmul peak measured in this run. Returns the note saying how, or why it is absent."""
+    import torch
+    if not torch.cuda.is_available():
+        return "MFU: n/a (no CUDA device; CPU ranks)"
+    from cxr_ddpm.runtime.config import load_config
+
+    from .common import fresh_artifacts
+    from .denoiser import flops_per_image
+    from .gpu import bf16_peak_tflops
+    peak = bf16_peak_tflops()
+    size = load_config(Path(config)).model.image_size
+    ckpt = fresh_artifacts(Path(config).stem, [], precisions=())["ckpt"]
+    train_flops = 3 * flops_per_image(ckpt, size)
+    for r in rows:
+        if "images_per_s" in r:
+            r["mfu_vs_bf16_peak"] = round(train_flops * r["images_per_s"] / (peak * 1e12), 4)
+    return (f"MFU = 3 x {train_flops / 3e9:.1f} GFLOP per image (forward + backward) x images/s / "
+            f"bf16 matmul peak {peak:.0f} TFLOP/s measured in this run")
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     fig, ax = figure(6, 3.5)
     ok = [r for r in rows if "images_per_s" in r]
@@ -131,14 +153,16 @@ def run(out: Path, *, config: str = str(ROOT / "configs" / "tiny.yaml"), data: s
     for r in rows:
         if "images_per_s" in r and r["precision"] in base:
             r["vs_ddp"] = round(r["images_per_s"] / base[r["precision"]], 3)
+    mfu = add_mfu(rows, config)
     doc = {"config": Path(config).name, "ranks": ranks, "threads_per_rank": threads, "global_batch": global_batch,
            "steps": steps, "timing": f"{steps} steps, first excluded (fit's own summary.json)", "rows": rows,
-           "overhead": overhead}
+           "overhead": overhead, "mfu": mfu}
     plot(rows, out / "train.png")
     md = (f"## Training throughput ({ranks} CPU ranks, gloo, {Path(config).name}, global batch {global_batch}, "
           f"{steps} steps, first excluded)\n\n" + md_table(rows, [
               ("mode", "mode"), ("precision", "precision"), ("images_per_s", "images/s"), ("vs_ddp", "vs DDP"),
-              ("peak_mem_mib_per_rank", "peak MiB/rank"), ("error", "error")]))
+              ("peak_mem_mib_per_rank", "peak MiB/rank"), ("mfu_vs_bf16_peak", "MFU"), ("error", "error")])
+          + f"\n{mfu}\n")
     if overhead:
         md += (f"\n\n### Per-step overhead (1 rank, fp32, micro-batch {global_batch // ranks}, "
                f"{max(steps, 20)} steps)\n\n" + md_table(overhead, [

@@ -26,6 +26,11 @@ _provider = click.option("--provider", type=click.Choice(["cpu", "cuda", "tensor
                          help="execution provider [default: cpu; tensorrt for engine files]")
 _backend = click.option("--backend", type=click.Choice(["onnx", "tensorrt", "torch"]), default=None,
                         help="override the backend chosen from the file")
+_cuda_graph = click.option("--cuda-graph", type=click.Choice(["auto", "on", "off"]), default="auto",
+                           show_default=True,
+                           help="ONNX Runtime CUDA graphs, one per batch size (auto: on with --provider cuda)")
+_arrays = click.option("--arrays", type=click.Choice(["auto", "numpy", "cupy"]), default="auto", show_default=True,
+                       help="sampler math on NumPy or CuPy (auto: CuPy on a GPU provider when installed)")
 _threads = click.option("--threads", type=int, default=None, help="CPU threads [default: CPU allowance]")
 
 
@@ -66,21 +71,24 @@ def _warn_line(message: Any, category: Any, filename: str, lineno: int, file: An
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | None, eta: float | None,
            seed: int, out: Path, grid: Path | None, fmt: str, class_names: tuple[str, ...],
            per_class: int | None, guidance: float | None, no_clip: bool, shard: str | None,
            request_time: str | None, check_only: bool, config_path: Path | None,
-           provider: str | None, threads: int | None, backend: str | None) -> None:
+           provider: str | None, threads: int | None, backend: str | None,
+           cuda_graph: str, arrays: str) -> None:
     """Write N sampled images, an optional grid, samples.json and manifest.csv.
 
     Resumable: rerun the same command and only missing images are made."""
     from tqdm import tqdm
 
-    from .backends import load_denoiser
+    from .backends import load_denoiser, ort_cuda
     from .fsutil import ensure_writable_dir
     from .guidance import resolve_labels
-    from .sample_set import parse_time, sample_to_dir
+    from .sample_set import parse_time, quiet_warnings, sample_to_dir
     from .sampling import resolve_request
     from .shards import parse_shard, record_name, shard_range
 
@@ -92,7 +100,8 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     shard_km = parse_shard(shard) if shard is not None else None
     when = parse_time(request_time) if request_time is not None else None
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads,
-                        **_checkpoint_config(engine, backend, config_path))
+                        cuda_graph=cuda_graph, **_checkpoint_config(engine, backend, config_path))
+    xp = ort_cuda.sampler_arrays(arrays, den.provider, den.backend)
     labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
     req = resolve_request(den, n, sampler=sampler, steps=steps, eta=eta, seed=seed, labels=labels,
                           guidance=guidance, clip_x0=not no_clip)
@@ -103,12 +112,11 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     if check_only:
         click.echo(f"ok: {n} images ({todo} in this shard), {req.sampler} x{req.steps}, seed {req.seed}, out {out}")
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")    # warned once above
+    with quiet_warnings():
         with tqdm(total=todo, unit="img", desc=f"{req.sampler} x{req.steps}", file=sys.stderr,
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
             rec = sample_to_dir(den, req, out=out, batch_size=batch_size, fmt=fmt, grid=grid, shard=shard_km,
-                                request_time=when, on_step=lambda b: bar.update(b / req.steps))
+                                request_time=when, on_step=lambda b: bar.update(b / req.steps), xp=xp)
     made = len(rec["images"])
     click.echo(f"wrote {made} images to {out}/ ({rec['images_per_s']} images/s)"
                + (f", grid {grid}" if grid else "") + f", record {out / record_name(shard_km)}")
@@ -176,24 +184,28 @@ def inspect(engine: Path, as_json: bool, backend: str | None) -> None:
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | None,
-          guidance: float | None, provider: str | None, threads: int | None, backend: str | None) -> None:
+          guidance: float | None, provider: str | None, threads: int | None, backend: str | None,
+          cuda_graph: str, arrays: str) -> None:
     """Per-step latency (median, p90), images/s, peak RSS and start-up time, each backend
     in a fresh process (so the ORT numbers never include torch)."""
     if batch_size <= 0 or steps <= 0 or repeats <= 0:
         raise CxrError("--batch-size, --steps and --repeats must be >= 1")
     if ckpt is not None and not ckpt.exists():
         raise CxrError(f"--ckpt {ckpt}: checkpoint not found")
+    gpu = {"cuda_graph": cuda_graph, "arrays": arrays}
     runs = [bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
-                                batch_size=batch_size, steps=steps, repeats=repeats)]
+                                batch_size=batch_size, steps=steps, repeats=repeats, **gpu)]
     if ckpt is not None:
         runs.append(bench_in_subprocess(ckpt, backend="torch", provider=provider if provider == "cuda" else None,
                                         threads=threads, batch_size=batch_size, steps=steps, repeats=repeats))
     if guidance is not None:
         runs.append(bench_in_subprocess(engine, backend=backend, provider=provider, threads=threads,
                                         batch_size=batch_size, steps=steps, repeats=repeats,
-                                        guidance=guidance))
+                                        guidance=guidance, **gpu))
     keys = [("step_ms_median", "step ms (median)"), ("step_ms_p90", "step ms (p90)"),
             ("images_per_s", f"images/s ({steps} steps)"), ("peak_rss_mib", "peak RSS MiB"),
             ("start_to_first_step_s", "start to first step s")]
@@ -211,11 +223,12 @@ def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | 
 
 def bench_in_subprocess(engine: Path, *, backend: str | None, provider: str | None, threads: int | None,
                         batch_size: int, steps: int, repeats: int,
-                        guidance: float | None = None) -> dict[str, Any]:
+                        guidance: float | None = None, cuda_graph: str | None = None,
+                        arrays: str | None = None) -> dict[str, Any]:
     args = [sys.executable, "-m", "cxr_ddpm.runtime.cli", "bench-worker", str(engine),
             "--batch-size", str(batch_size), "--steps", str(steps), "--repeats", str(repeats)]
     for flag, value in (("--backend", backend), ("--provider", provider), ("--threads", threads),
-                        ("--guidance", guidance)):
+                        ("--guidance", guidance), ("--cuda-graph", cuda_graph), ("--arrays", arrays)):
         if value is not None:
             args += [flag, str(value)]
     started = time.time()
@@ -248,14 +261,18 @@ def manifest(out: Path) -> None:
 @_provider
 @_threads
 @_backend
+@_cuda_graph
+@_arrays
 @cli_errors
 def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, guidance: float | None,
-                 provider: str | None, threads: int | None, backend: str | None) -> None:
+                 provider: str | None, threads: int | None, backend: str | None,
+                 cuda_graph: str, arrays: str) -> None:
     """One backend's numbers as a JSON line (run by `bench` in a fresh process)."""
-    from .backends import load_denoiser
+    from .backends import load_denoiser, ort_cuda
     from .sampling import bench_run
-    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads)
-    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance)
+    den = load_denoiser(engine, backend=backend, provider=provider, threads=threads, cuda_graph=cuda_graph)
+    xp = ort_cuda.sampler_arrays(arrays, den.provider, den.backend)
+    rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance, xp=xp)
     rec["torch_imported"] = "torch" in sys.modules
     click.echo(json.dumps(rec))
 

@@ -10,10 +10,12 @@ Class-conditional requests put image i in out/<class name>/ and draw a grid row 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -60,7 +62,7 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
     out = ensure_writable_dir(Path(out))
     if grid is not None:
         ensure_writable_dir(Path(grid).parent, "grid folder")
-    settings = request_settings(denoiser, req, fmt)
+    settings = request_settings(denoiser, req, fmt, xp)
     sha = request_sha256(settings)
     done = finished(out, shard, sha)
     when = _request_time(out, shard, request_time)
@@ -74,6 +76,7 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
     todo = [i for i in mine if i not in done]
     record: dict[str, Any] = {
         **settings, "engine": str(denoiser.path), "checkpoint": getattr(denoiser, "checkpoint", None),
+        "cuda_graph": getattr(denoiser, "cuda_graph", None),
         "request_sha256": sha, "request_time": when.isoformat().replace("+00:00", "Z"),
         "batch_size": batch_size, "shard": list(shard) if shard else None, "indices": [mine.start, mine.stop],
         "complete": False, "package_version": __version__, "grid": str(grid) if grid else None,
@@ -111,12 +114,24 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
         _save_quietly(save)
         raise CxrError(f"{e}; {len(images)} complete images are kept and listed in "
                        f"{out / record_name(shard)}") from None
+    record["cuda_graph"] = getattr(denoiser, "cuda_graph", None)       # after any fallback
     if grid is not None and rows:
         _write_grid(Path(grid), rows, by_class=bool(req.labels))
     save(complete=True)
     if shard is None:
         write_manifest(out, record)
     return record
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """While sampling: user warnings were shown once when the request was resolved, so repeats
+    are silenced; a GPU fallback (a failed CUDA graph capture, mid-run) still reaches the user."""
+    from .backends.ort_cuda import GpuFallbackWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", GpuFallbackWarning)
+        yield
 
 
 def _request_time(out: Path, shard: tuple[int, int] | None, given: _dt.datetime | None) -> _dt.datetime:

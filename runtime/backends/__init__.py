@@ -50,7 +50,7 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
     provider: cpu | cuda | tensorrt (default: cpu, tensorrt for engine files).
     ckpt: the checkpoint this artifact must have been exported from (checked against
     the metadata's source.checkpoint_sha256; catches comparing the wrong pair).
-    options: backend-specific (onnx: opt_level, mem_pattern; torch: channels_last).
+    options: backend-specific (onnx: opt_level, mem_pattern, cuda_graph; torch: channels_last).
     """
     path = Path(path)
     if not path.exists():
@@ -63,6 +63,9 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
         backend = backend or detect_backend(path)
     except OSError as e:
         raise CxrError(f"{path}: cannot read ({e.strerror})") from None
+    if backend != "onnx" and options.pop("cuda_graph", None) == "on":
+        raise CxrError(f"--cuda-graph on: {path} opens with the {backend} backend; CUDA graphs here "
+                       f"are an ONNX Runtime CUDA provider feature (give an ONNX model)")
     if backend == "tensorrt":
         from .trt_adapter import TrtDenoiser
         den: Any = TrtDenoiser(path, provider=provider or "tensorrt", **options)

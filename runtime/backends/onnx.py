@@ -4,7 +4,8 @@ Session settings were chosen by measurement (`python -m bench denoiser`, its ORT
 settings table): full graph optimisation, intra-op threads = the CPU allowance (ORT's default spins one thread per core and ignores
 cgroup/affinity limits), sequential execution, memory pattern on (shapes repeat
 every step). The CUDA provider uses IO binding so CuPy arrays are bound by device
-pointer and never copied through the host.
+pointer and never copied through the host; CUDA graphs and the CuPy/ORT stream handshake live in
+`ort_cuda.py`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..errors import CxrError
 from ..fsutil import file_sha256
 from ..interface import model_inputs
 from ..metadata import METADATA_KEY, read_metadata
+from . import ort_cuda
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -116,7 +118,7 @@ class OrtDenoiser:
     backend = "onnx"
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 opt_level: str = "all", mem_pattern: bool = True) -> None:
+                 opt_level: str = "all", mem_pattern: bool = True, cuda_graph: str | None = None) -> None:
         import onnxruntime as ort
         self.path = Path(path)
         if provider not in PROVIDERS:
@@ -126,12 +128,13 @@ class OrtDenoiser:
             raise CxrError(f"--provider {provider}: not available in this onnxruntime "
                            f"(available: {', '.join(have)}); for cuda/tensorrt install "
                            f"onnxruntime-gpu (pip install 'cxr-ddpm[gpu]')")
+        self.cuda_graph = ort_cuda.resolve_cuda_graph(cuda_graph, provider)
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         so = session_options(threads=threads, opt_level=opt_level, mem_pattern=mem_pattern)
         if provider != "cpu":
             preload_gpu_libraries()
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+            self.session = self._open(providers, so)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
             first = " ".join(str(e).split())[:160]
             raise CxrError(f"{self.path}: not a loadable ONNX model ({first})") from None
@@ -150,9 +153,30 @@ class OrtDenoiser:
         self.self_condition = "x_self_cond" in self.input_names
         self.null_class = self.meta.get("null_class")
         self._binding = provider != "cpu"
+        self.io_types = ort_cuda.session_io_types(self.session)
+        self._graphs = ort_cuda.GraphRunner(self.session, self.io_types["out"]) if self.cuda_graph else None
+
+    def _open(self, providers: list[Any], so: Any) -> Any:
+        """The session; with CUDA graphs when asked and ORT accepts them (else one warning)."""
+        import onnxruntime as ort
+        self._reopen = (providers, so)
+        if self.cuda_graph:
+            try:
+                return ort.InferenceSession(str(self.path), sess_options=so,
+                                            providers=[ort_cuda.cuda_provider(True), *providers[1:]])
+            except Exception as e:  # e.g. "cannot use the graph capture feature": a node off CUDA
+                session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
+                self.cuda_graph = False                # only now: a broken file is not a graph problem
+                ort_cuda.warn_fallback(f"{self.path}: ONNX Runtime refused CUDA graphs for this model", e)
+                return session
+        return ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
 
     def feeds(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> dict[str, Any]:
-        return model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
+        feeds = model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
+        for name, dtype in self.io_types.items():      # fp16 graphs may declare fp16 I/O
+            if name in feeds and feeds[name].dtype != dtype:
+                feeds[name] = feeds[name].astype(dtype)
+        return feeds
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -162,8 +186,18 @@ class OrtDenoiser:
     def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
         feeds = self.feeds(x, t, x_self_cond, classes)
         if not self._binding:
-            return self.session.run(["out"], feeds)[0]
-        return self._run_bound(feeds)
+            out = self.session.run(["out"], feeds)[0]
+        elif self._graphs is not None:
+            try:
+                out = self._graphs(feeds)
+            except ort_cuda.CaptureFailed as e:       # plain CUDA runs from here on
+                self._graphs, self.cuda_graph = None, False
+                ort_cuda.warn_fallback(f"{self.path}: CUDA graph capture failed", e)
+                self.session = self._open(*self._reopen)
+                out = self._run_bound(feeds)
+        else:
+            out = self._run_bound(feeds)
+        return out if out.dtype == np.float32 else out.astype(np.float32)   # sampler math is fp32
 
     def _run_bound(self, feeds: dict[str, Any]) -> Any:
         """IO binding on the GPU: CuPy inputs by pointer, output left on the device for CuPy."""
@@ -176,8 +210,9 @@ class OrtDenoiser:
                 binding.bind_cpu_input(name, arr)
         if on_device:
             cp = _cupy()
-            out = cp.empty(feeds["x"].shape, dtype=cp.float32)
-            binding.bind_output("out", "cuda", 0, np.float32, list(out.shape), out.data.ptr)
+            out = cp.empty(feeds["x"].shape, dtype=self.io_types["out"])
+            binding.bind_output("out", "cuda", 0, out.dtype.type, list(out.shape), out.data.ptr)
+            ort_cuda.sync_cupy()                       # CuPy wrote x on its own stream
             self.session.run_with_iobinding(binding)
             return out
         binding.bind_output("out", "cuda")
