@@ -23,11 +23,13 @@ def main() -> None:
         require_extra("train", TRAIN_MODULES, f"cxr-export {command}")
 
 
-def _config(path: str | None):
+def _config(path: str | None) -> dict:
+    """load_checkpoint's config keywords for --config (lucidrains checkpoints)."""
     if path is None:
-        return None
-    from cxr_ddpm.runtime.config import load_config
-    return load_config(path)
+        return {}
+    from cxr_ddpm.runtime.config import load_checkpoint_config
+    cfg, derive = load_checkpoint_config(path)
+    return {"config": cfg, "derive_diffusion": derive}
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -58,7 +60,7 @@ def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, ops
     from .trt_build import parse_batch
     bounds = parse_batch(batch)
     check_opset(opset if opset is not None else DEFAULT_OPSET)
-    res = export_onnx(ckpt, out, config=_config(config_path), ema=ema, batch=bounds,
+    res = export_onnx(ckpt, out, **_config(config_path), ema=ema, batch=bounds,
                       opset=opset if opset is not None else DEFAULT_OPSET, precision=precision,
                       verify=verify, atol=atol)
     if res.report is not None:
@@ -104,7 +106,7 @@ def verify_cmd(artifact: str, ckpt: str, config_path: str | None, provider: str,
     from .verify import verify_artifact
     sizes = _batch_sizes(batch)
     onnx_sha = file_sha256(onnx_path) if onnx_path else None
-    report = verify_artifact(artifact, ckpt, config=_config(config_path), provider=provider,
+    report = verify_artifact(artifact, ckpt, **_config(config_path), provider=provider,
                              batches=sizes, tol=atol, onnx_sha256=onnx_sha)
     click.echo(report.table())
     if not report.ok:

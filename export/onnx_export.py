@@ -70,7 +70,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
                 ema: bool = True, opset: int = DEFAULT_OPSET, batch: tuple[int, int, int] = DEFAULT_BATCH,
                 precision: str = "fp32", verify: bool = True, atol: float | None = None,
                 verify_batches: tuple[int, ...] = (1, 3), exporter: str = "auto",
-                log: Any = None) -> ExportResult:
+                log: Any = None, derive_diffusion: bool = False) -> ExportResult:
     """Checkpoint (file, run folder, or lucidrains .pt + config) -> verified ONNX at `out`."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
     if out is not None:                      # fail on an unwritable target before minutes of work
         ensure_writable_dir(Path(out).parent or Path("."))
 
-    ck = load_checkpoint(ckpt, config)
+    ck = load_checkpoint(ckpt, config, derive_diffusion=derive_diffusion)
     cfg = ck.cfg
     out = Path(out) if out is not None else default_onnx_path(ck, precision)
     ensure_writable_dir(out.parent or Path("."))

@@ -146,7 +146,7 @@ def check_parity(onnx_path: str | Path, wrapper: Any, cfg: Config, *, precision:
 
 def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | None = None,
                     provider: str = "cpu", batches: tuple[int, ...] = (1, 3), tol: float | None = None,
-                    onnx_sha256: str | None = None) -> VerifyReport:
+                    onnx_sha256: str | None = None, derive_diffusion: bool = False) -> VerifyReport:
     """Re-run the parity check on an ONNX file or engine against the checkpoint it came from."""
     from cxr_ddpm.runtime.engine_file import is_engine_file, read_engine_header
     from cxr_ddpm.runtime.metadata import read_onnx_metadata
@@ -158,7 +158,7 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
         raise CxrError(f"{artifact}: artifact not found")
     engine = is_engine_file(artifact)
     meta = read_engine_header(artifact)[0] if engine else read_onnx_metadata(artifact)
-    ck = load_checkpoint(ckpt, config)
+    ck = load_checkpoint(ckpt, config, derive_diffusion=derive_diffusion)
     src = meta.get("source") or {}
     if src.get("checkpoint_sha256") and ck.sha256 and src["checkpoint_sha256"] != ck.sha256:
         raise CxrError(f"{artifact}: exported from another checkpoint (step {src.get('step')}, sha256 "

@@ -127,10 +127,11 @@ def _checkpoint_config(engine: Path, backend: str | None, config_path: Path | No
     if config_path is None:
         return {}
     from .backends import detect_backend
-    from .config import load_config
+    from .config import load_checkpoint_config
     if (backend or (detect_backend(engine) if engine.exists() else "onnx")) != "torch":
         raise CxrError(f"--config: {engine} carries its own config; --config is for checkpoints only")
-    return {"config": load_config(config_path)}
+    cfg, derive = load_checkpoint_config(config_path)
+    return {"config": cfg, "derive_diffusion": derive}
 
 
 @main.command()

@@ -197,6 +197,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return Config.from_dict(raw, source)
 
 
+def load_checkpoint_config(path: str | Path) -> tuple[Config, bool]:
+    """The --config of a lucidrains checkpoint: (config, whether its file has no diffusion
+    section, so that section is to be taken from the checkpoint's own buffers)."""
+    return load_config(path), "diffusion" not in read_config_file(Path(path))
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CxrError(f"{path}: config file not found")

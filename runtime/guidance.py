@@ -9,9 +9,14 @@ Guidance with weight W combines them as
 in the model's own output space (eps, x0 or v, whatever `objective` says). For a
 fixed (x_t, t) each of eps, x0 and v is the same affine function of the others
 in both branches, so mixing raw outputs equals mixing eps (or v): no conversion
-is needed and x0 clipping then applies to the guided prediction, as lucidrains'
-`forward_with_cond_scale` does (we use its plain formula, without its optional
-parallel-component removal).
+is needed and x0 clipping then applies to the guided prediction.
+
+This is the plain formula of Ho & Salimans, NOT lucidrains' default. lucidrains
+2.3.4 `forward_with_cond_scale` defaults to `remove_parallel_component=True`: it
+drops the part of (f_c - f_u) parallel to f_c before scaling (keep_parallel_frac=0),
+and can rescale with `rescaled_phi`. Ours equals lucidrains called with
+`remove_parallel_component=False, rescaled_phi=0` (a peer run measured 7e-7 max
+difference that way, 0.059 against lucidrains' defaults).
 
 For W not in {0, 1} both branches run in ONE backend call on a 2B batch: the
 per-step cost is one bigger call, not two calls.

@@ -156,3 +156,35 @@ def test_failed_save_leaves_nothing(tmp_path: Path, tiny_cfg, monkeypatch: pytes
     with pytest.raises(OSError):
         save_checkpoint(tmp_path / "c.safetensors", cfg=tiny_cfg, step=0, class_names=[], ema=sd, online=None)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- a lucidrains checkpoint vs its config
+
+@pytest.mark.parametrize("override, field, have, said", [
+    ("diffusion.timesteps=1000", "timesteps", "100", "1000"),
+    ("diffusion.objective=pred_noise", "objective", "'pred_v'", "'pred_noise'"),
+    ("diffusion.beta_schedule=cosine", "beta_schedule", "'sigmoid'", "'cosine'"),
+])
+def test_lucidrains_config_contradicting_the_checkpoint_is_refused(tmp_path: Path, tiny_cfg, override, field,
+                                                                    have, said) -> None:
+    _lucidrains_file(tmp_path / "model-1.pt", tiny_cfg)           # T=100, pred_v, sigmoid
+    wrong = load_config(ROOT / "configs" / "tiny.yaml", [override])
+    with pytest.raises(CxrError, match=f"checkpoint has diffusion.{field}={have} but the config says "
+                                       f"diffusion.{field}={said}"):
+        load_checkpoint(tmp_path / "model-1.pt", config=wrong)
+
+
+def test_lucidrains_diffusion_taken_from_the_checkpoint(tmp_path: Path, tiny_cfg) -> None:
+    """A config file without a diffusion section: T, schedule and objective come from the file's
+    buffers (the defaults, T=1000 sigmoid pred_v, would otherwise be used silently)."""
+    trained = load_config(ROOT / "configs" / "tiny.yaml", ["diffusion.objective=pred_noise",
+                                                            "diffusion.beta_schedule=cosine"])
+    _lucidrains_file(tmp_path / "model-2.pt", trained)
+    (tmp_path / "model.yaml").write_text("model:\n  dim: 16\n  dim_mults: [1, 2]\n  image_size: 32\n")
+    from cxr_ddpm.runtime.config import load_checkpoint_config
+    cfg, derive = load_checkpoint_config(tmp_path / "model.yaml")
+    assert derive and cfg.diffusion.timesteps == 1000
+    ck = load_checkpoint(tmp_path / "model-2.pt", config=cfg, derive_diffusion=derive)
+    d = ck.cfg.diffusion
+    assert (d.timesteps, d.objective, d.beta_schedule) == (100, "pred_noise", "cosine")
+    assert ck.meta["config"]["diffusion"]["timesteps"] == 100               # and the artifact says so

@@ -11,18 +11,21 @@ from a config the user supplies) and refuses anything else with one clear line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.runtime.config import Config, DiffusionConfig
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps, read_metadata
+from cxr_ddpm.runtime.schedule import Schedule
 
 from .model import build_unet
 
@@ -102,24 +105,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, config: Config | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, config: Config | None = None, *,
+                    derive_diffusion: bool = False) -> Checkpoint:
     """Read a cxr-ddpm .safetensors checkpoint (or run folder), or a lucidrains model-N.pt.
 
-    `config` is required for lucidrains files (they carry none). For our own files
-    it is optional and, when given, must describe the same model and schedule.
+    `config` is required for lucidrains files (they carry no config). Their schedule
+    buffers and loss weights still tell T, the schedule and the objective: every field
+    derivable from them must agree with the config (else one line names it), and with
+    `derive_diffusion` (the config file has no diffusion section) they replace it.
+    For our own files `config` is optional and, when given, must describe the same
+    model and schedule.
     """
     path = resolve_checkpoint(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if path.suffix == ".safetensors":
         ckpt = _load_safetensors(path)
+        if config is not None:                 # our files carry their config: the given one must agree
+            _check_same_model(ckpt.cfg, config, path)
     elif head.startswith(b"PK") or path.suffix in (".pt", ".pth", ".ckpt"):
-        ckpt = _load_lucidrains(path, config)
+        ckpt = _load_lucidrains(path, config, derive_diffusion)
     else:
         raise CxrError(f"{path}: unknown checkpoint format (expected a cxr-ddpm .safetensors "
                        f"or a lucidrains Trainer model-N.pt)")
-    if config is not None:
-        _check_same_model(ckpt.cfg, config, path)
     return ckpt
 
 
@@ -145,7 +153,7 @@ def _load_safetensors(path: Path) -> Checkpoint:
                       list(meta["class_names"]), meta, path, file_sha256(path))
 
 
-def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
+def _load_lucidrains(path: Path, config: Config | None, derive_diffusion: bool = False) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -156,6 +164,7 @@ def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
                        f"expected keys model, ema, step; found {keys})")
     if config is None:
         raise CxrError(f"{path}: lucidrains checkpoints carry no model config; pass --config FILE")
+    config = check_lucidrains_diffusion(data["model"], config, path, derive=derive_diffusion)
     # GaussianDiffusion state: U-Net under "model."; EMA wraps it again under "ema_model.model."
     online = {k[6:]: v for k, v in data["model"].items() if k.startswith("model.")}
     ema_sd = data.get("ema") or {}
@@ -166,6 +175,56 @@ def _load_lucidrains(path: Path, config: Config | None) -> Checkpoint:
                           provenance_extra={"imported_from": "lucidrains",
                                             "lucidrains_version": data.get("version")})
     return Checkpoint(config, ema or None, online, int(data.get("step", 0)), [], meta, path, file_sha256(path))
+
+
+def lucidrains_diffusion(state: dict[str, Any], like: DiffusionConfig) -> dict[str, Any]:
+    """What a lucidrains GaussianDiffusion state dict says about its diffusion config:
+    timesteps (length of `betas`), beta_schedule (which of ours rebuilds `betas`, with the
+    parameters of `like`), objective and min-SNR weighting (which of lucidrains' loss-weight
+    rules gives `loss_weight`). A field that cannot be told is left out."""
+    betas = state.get("betas")
+    if betas is None:
+        return {}
+    betas = betas.double().cpu().numpy()
+    found: dict[str, Any] = {"timesteps": int(betas.shape[0])}
+    for name in ("sigmoid", "cosine", "linear"):
+        cand = Schedule.from_config(dataclasses.replace(like, timesteps=len(betas), beta_schedule=name)).betas
+        if np.allclose(cand, betas, rtol=0, atol=1e-6):
+            found["beta_schedule"] = name
+            break
+    weight = state.get("loss_weight")
+    if weight is not None:
+        ac = state["alphas_cumprod"].double().cpu().numpy()
+        snr = ac / (1 - ac)
+        for min_snr in (like.min_snr_loss_weight, not like.min_snr_loss_weight):
+            clipped = np.minimum(snr, like.min_snr_gamma) if min_snr else snr
+            rules = {"pred_noise": clipped / snr, "pred_x0": clipped, "pred_v": clipped / (snr + 1)}
+            hit = [k for k, w in rules.items() if np.allclose(w, weight.double().cpu().numpy(), rtol=1e-4)]
+            if len(hit) == 1:
+                found.update(objective=hit[0], min_snr_loss_weight=min_snr)
+                break
+    return found
+
+
+def check_lucidrains_diffusion(state: dict[str, Any], config: Config, path: Path, *, derive: bool) -> Config:
+    """Refuse a config whose diffusion section contradicts the checkpoint's own buffers (an ONNX
+    exported that way samples wrong images); with `derive`, take the section from them."""
+    found = lucidrains_diffusion(state, config.diffusion)
+    if derive:
+        if "beta_schedule" not in found or "objective" not in found:
+            raise CxrError(f"{path}: cannot tell the diffusion schedule/objective from its buffers; "
+                           "add a diffusion: section to the config")
+        return config.replace(diffusion=dataclasses.replace(config.diffusion, **found))
+    have = dataclasses.asdict(config.diffusion)
+    for key, value in found.items():
+        if have[key] != value:
+            raise CxrError(f"{path}: checkpoint has diffusion.{key}={value!r} but the config says "
+                           f"diffusion.{key}={have[key]!r}; fix the config (or drop its diffusion: "
+                           "section to take it from the checkpoint)")
+    if "beta_schedule" not in found and "betas" in state:
+        raise CxrError(f"{path}: the checkpoint's betas are not the config's diffusion.beta_schedule="
+                       f"{config.diffusion.beta_schedule!r} schedule with these parameters")
+    return config
 
 
 def _check_same_model(have: Config, want: Config, path: Path) -> None:

@@ -19,8 +19,10 @@ class TorchDenoiser:
     backend = "torch"
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 channels_last: bool = False, ema: bool = True, config: Any = None) -> None:
-        """config: the model config of a lucidrains model-N.pt (which carries none)."""
+                 channels_last: bool = False, ema: bool = True, config: Any = None,
+                 derive_diffusion: bool = False) -> None:
+        """config: the model config of a lucidrains model-N.pt (which carries none); see
+        train.checkpoint.load_checkpoint for derive_diffusion."""
         import torch
 
         from cxr_ddpm.train.checkpoint import load_checkpoint
@@ -33,7 +35,7 @@ class TorchDenoiser:
             raise CxrError("--provider cuda: torch sees no CUDA device (available: cpu)")
         if threads:
             torch.set_num_threads(int(threads))
-        ckpt = load_checkpoint(path, config)
+        ckpt = load_checkpoint(path, config, derive_diffusion=derive_diffusion)
         self.path = Path(path)
         self.checkpoint, self.sha256 = str(ckpt.path), ckpt.sha256     # a run folder names its newest
         self.meta: dict[str, Any] = dict(ckpt.meta)
