@@ -9,10 +9,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import assert_user_error
 from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
 from cxr_ddpm.train.cli import main as train_cli
 from cxr_ddpm.train.data import CxrDataset, cpu_allowance, default_num_workers, list_images, scan_dataset
-from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ramp(h: int = 60, w: int = 80) -> np.ndarray:
@@ -205,3 +208,44 @@ def test_fingerprint_tracks_files_sizes_and_labels(tmp_path: Path, cxr_mini: Pat
 def test_missing_root_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(CxrError, match="data folder not found"):
         list_images(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------- check-data: usable per class (#11.8)
+
+def test_check_data_counts_usable_images_and_refuses_an_empty_class(tmp_path: Path, cxr_mini: Path) -> None:
+    root = tmp_path / "d"
+    shutil.copytree(cxr_mini / "Normal", root / "Normal")
+    (root / "COVID-19").mkdir()
+    for k in range(3):                                              # a class whose files all fail
+        (root / "COVID-19" / f"bad{k}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = CliRunner().invoke(train_cli, ["check-data", str(root)])
+    assert res.exit_code == 2, res.output
+    assert "COVID-19       0  (  0.0%)  of 3 files" in res.output and "Normal        18  (100.0%)" in res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {root}: class 'COVID-19' has no readable image (training would never draw it)"]
+
+
+def test_check_data_warns_when_classes_look_like_datasets(tmp_path: Path, cxr_mini: Path) -> None:
+    shutil.copytree(cxr_mini, tmp_path / "parent" / "cxr-mini")       # the dataset's parent given
+    shutil.copytree(cxr_mini / "Normal", tmp_path / "parent" / "other" / "x")
+    res = CliRunner().invoke(train_cli, ["check-data", str(tmp_path / "parent")])
+    assert "warning: class 'cxr-mini' holds class folders itself" in res.stderr
+    assert "other" not in res.stderr.split("warning:")[1]                # one class folder: not a dataset
+
+
+# ---------------------------------------------------------------- fit on undecodable data (#11.5)
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_fit_refuses_data_that_never_decodes_before_anything_starts(tmp_path: Path, cxr_mini: Path,
+                                                                     kind: str) -> None:
+    data = tmp_path / "d" / "Normal"
+    data.mkdir(parents=True)
+    real = sorted((cxr_mini / "Normal").glob("*.jpg"))[0].read_bytes()
+    for k in range(3):
+        (data / f"x{k}.jpg").write_bytes(b"\xff\xd8\xff garbage" if kind == "garbage" else real[: len(real) // 3])
+    out = tmp_path / "run"
+    res = CliRunner().invoke(train_cli, ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data",
+                                    str(tmp_path / "d"), "--out", str(out)],
+                             env={"RANK": None, "WORLD_SIZE": None, "SLURM_STEP_NUM_TASKS": None, "CXR_DEVICE": "cpu"})
+    assert_user_error(res, f"{tmp_path / 'd'}: none of its 3 images can be read", "x0.jpg")
+    assert not out.exists()

@@ -22,16 +22,21 @@ def main() -> None:
 @cli_errors
 def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     """Scan DATA_DIR (class folders of JPEG/PNG/DICOM) and report whether it is usable."""
-    from .data import scan_dataset
+    from .data import nested_datasets, scan_dataset
 
     report = scan_dataset(data_dir, workers=workers, progress=sys.stderr.isatty())
     images = report.images
     total = sum(report.counts)
-    click.echo(f"{data_dir}: {total} images in {len(images.class_names)} classes "
-               f"(fingerprint {images.fingerprint()})")
+    usable = report.usable_counts()
+    click.echo(f"{data_dir}: {total} files in {len(images.class_names)} classes "
+               f"(fingerprint {images.fingerprint()}); usable images per class:")
     width = max(len(n) for n in images.class_names)
-    for name, count in zip(images.class_names, report.counts):
-        click.echo(f"  {name:<{width}}  {count:6d}  ({100.0 * count / total:5.1f}%)")
+    for name, count, files in zip(images.class_names, usable, report.counts):
+        share = 100.0 * count / max(report.usable, 1)
+        click.echo(f"  {name:<{width}}  {count:6d}  ({share:5.1f}%)" + (f"  of {files} files" if files != count else ""))
+    for name in nested_datasets(images):
+        click.echo(f"warning: class '{name}' holds class folders itself: is {data_dir} the parent of the "
+                   f"dataset? Point at {images.root / name} instead", err=True)
     click.echo("sizes (rounded to 64 px):")
     for size, n in report.sizes.most_common(8):
         click.echo(f"  {size:>11}  {n:6d}")
@@ -49,6 +54,10 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     if report.usable == 0:
         raise CxrError(f"{data_dir}: all {total} images are unreadable")
     click.echo(f"usable: {report.usable} of {total} images")
+    empty = [name for name, count in zip(images.class_names, usable) if count == 0]
+    if empty:
+        raise CxrError(f"{data_dir}: class {', '.join(repr(n) for n in empty)} has no readable image "
+                       "(training would never draw it)")
 
 
 @main.command("prepare")

@@ -133,7 +133,7 @@ class CxrDataset(torch.utils.data.Dataset):
 @dataclass
 class ScanReport:
     images: ImageList
-    counts: list[int]
+    counts: list[int]                                    # files per class
     sizes: Counter = field(default_factory=Counter)      # "WxH" bucketed to 64 px
     formats: Counter = field(default_factory=Counter)    # "<ext> <mode> <bits>-bit"
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
@@ -141,6 +141,48 @@ class ScanReport:
     @property
     def usable(self) -> int:
         return sum(self.counts) - len(self.unreadable)
+
+    def usable_counts(self) -> list[int]:
+        """Readable images per class (what training can use)."""
+        bad = Counter(self.images.labels[i] for i, f in enumerate(self.images.files)
+                      if f in {p for p, _ in self.unreadable})
+        return [n - bad.get(k, 0) for k, n in enumerate(self.counts)]
+
+
+def nested_datasets(images: ImageList) -> list[str]:
+    """Class folders that themselves hold class folders of images: the root given is probably
+    the parent of the dataset (its datasets became "classes")."""
+    return [name for name in images.class_names
+            if sum(1 for d in (images.root / name).iterdir() if d.is_dir() and _images_under(d)) >= 2]
+
+
+def check_readable(images: ImageList, workers: int | None = None, decode: int = 64) -> None:
+    """Before training starts: every file's header is probed (cheap) and files that probe well
+    are decoded until one succeeds (at most `decode`). When nothing is readable, one line says
+    why (the first failure), before any process group or run folder exists; unreadable files
+    among readable ones are skipped by the loader with a warning each."""
+    workers = workers or cpu_allowance()
+
+    def problem(path: Path) -> str | None:
+        try:
+            probe(path)
+        except (UnreadableImage, OSError) as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = list(pool.map(problem, images.files))
+    failures = {f: e for f, e in zip(images.files, errors) if e is not None}
+    for path in [f for f, e in zip(images.files, errors) if e is None][:decode]:
+        try:
+            load_resized(path, 32)
+            return
+        except (UnreadableImage, OSError) as e:
+            failures[path] = str(e)
+    path, why = next((f, failures[f]) for f in images.files if f in failures)     # the first, in file order
+    tried = "" if len(failures) == len(images.files) else f" (the {len(failures)} tried)"
+    raise CxrError(f"{images.root}: none of its {len(images.files)} images can be read{tried}, e.g. "
+                   f"{path.relative_to(images.root)}: {why}")
 
 
 def scan_dataset(root: str | Path, workers: int | None = None, progress: bool = True) -> ScanReport:

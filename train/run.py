@@ -23,7 +23,7 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
 
 from . import resume as ckpt
-from .data import ImageList, default_num_workers
+from .data import ImageList, check_readable, default_num_workers
 from .dist import World, check_gpus_per_node, local_world_size, resolve_world, use_cuda
 from .ds_config import build_ds_config
 from .ema import EMA
@@ -54,6 +54,8 @@ def plan_run(cfg: Config, data_dir: str | Path | None, out_dir: str | Path | Non
         check_gpus_per_node(local_world_size(dict(os.environ), world), torch.cuda.device_count())
     ds_config = build_ds_config(cfg, world.world_size, cuda)
     images = open_data(data_dir or cfg.data.root, cfg.model.image_size)  # raw class folders or prepared
+    if isinstance(images, ImageList):
+        check_readable(images)                     # a folder of undecodable files: one line, nothing made
     cfg = cfg.replace(data=replace(cfg.data, root=str(images.root)))
     if cfg.model.num_classes and cfg.model.num_classes != len(images.class_names):
         raise CxrError(f"model.num_classes={cfg.model.num_classes} but {images.root} has "
