@@ -3,6 +3,7 @@
 #
 # Submit (any #SBATCH line below can be overridden on the sbatch command line):
 #
+#   CXR_DATA=/scratch/covid-cxr sbatch slurm/train.sh     # no CONFIG: configs/cxr128.yaml
 #   sbatch slurm/train.sh configs/cxr128.yaml
 #   sbatch --nodes=4 --ntasks-per-node=4 --gpus-per-node=4 --time=48:00:00 \
 #          slurm/train.sh configs/cxr256.yaml --set train.steps=200000
@@ -45,9 +46,19 @@
 set -uo pipefail
 EXIT_REQUEUE=75   # what `cxr-train fit` returns after saving on a signal
 
-if [[ $# -lt 1 ]]; then
-    echo "usage: sbatch slurm/train.sh CONFIG [--set key=value ...] [other cxr-train fit options]" >&2
-    exit 2
+# No CONFIG (`sbatch slurm/train.sh`, or only options): train the default configs/cxr128.yaml
+# of the checkout it was submitted from; the data then has to come from CXR_DATA.
+default_config=""
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    default_config="${SLURM_SUBMIT_DIR:-$PWD}/configs/cxr128.yaml"
+    if [[ -z "${CXR_DATA:-}" ]]; then
+        echo "error: no CONFIG given, so the default configs/cxr128.yaml would be trained: set CXR_DATA to its data (class folders), or pass CONFIG" >&2
+        exit 2
+    fi
+    if [[ ! -f "$default_config" ]]; then
+        echo "error: no CONFIG given and $default_config not found: submit from the repository root or pass CONFIG" >&2
+        exit 2
+    fi
 fi
 
 # --- not inside a job yet: submit ourselves with resources from the environment -------
@@ -64,7 +75,12 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
 fi
 
 # --- inside the job ------------------------------------------------------------------
-config="$1"; shift
+if [[ -n "$default_config" ]]; then
+    config="$default_config"
+    echo "[$(date -Is)] no CONFIG given: training the default $config on CXR_DATA=$CXR_DATA"
+else
+    config="$1"; shift
+fi
 
 if [[ -n "${CXR_SETUP:-}" ]]; then eval "$CXR_SETUP" || exit 1; fi
 if [[ -n "${CXR_VENV:-}" ]]; then
