@@ -88,7 +88,7 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     from .backends import load_denoiser, ort_cuda
     from .fsutil import ensure_writable_dir
     from .guidance import resolve_labels
-    from .sample_set import parse_time, quiet_warnings, sample_to_dir
+    from .sample_set import parse_time, plan_set, quiet_warnings, sample_to_dir
     from .sampling import resolve_request
     from .shards import parse_shard, record_name, shard_range
 
@@ -105,18 +105,21 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     labels, n = resolve_labels(den.meta, class_names, n, per_class, str(engine))
     req = resolve_request(den, n, sampler=sampler, steps=steps, eta=eta, seed=seed, labels=labels,
                           guidance=guidance, clip_x0=not no_clip)
+    plan = plan_set(den, req, out=out, fmt=fmt, shard=shard_km, request_time=when, xp=xp)
+    if check_only:
+        click.echo(f"ok: {n} images, {len(shard_range(n, shard_km))} in this shard ({len(plan.todo)} still to "
+                   f"make), {req.sampler} x{req.steps}, seed {req.seed}, request {plan.sha256[:12]} of "
+                   f"{plan.when.isoformat()}, out {out}")
+        return
     ensure_writable_dir(out)                       # fail before the progress bar starts
     if grid is not None:
         ensure_writable_dir(grid.parent, "grid folder")
-    todo = len(shard_range(n, shard_km))
-    if check_only:
-        click.echo(f"ok: {n} images ({todo} in this shard), {req.sampler} x{req.steps}, seed {req.seed}, out {out}")
-        return
     with quiet_warnings():
-        with tqdm(total=todo, unit="img", desc=f"{req.sampler} x{req.steps}", file=sys.stderr,
+        with tqdm(total=len(plan.todo), unit="img", desc=f"{req.sampler} x{req.steps}", file=sys.stderr,
                   bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
             rec = sample_to_dir(den, req, out=out, batch_size=batch_size, fmt=fmt, grid=grid, shard=shard_km,
-                                request_time=when, on_step=lambda b: bar.update(b / req.steps), xp=xp)
+                                request_time=when, on_step=lambda b: bar.update(b / req.steps), xp=xp,
+                                plan=plan)
     made = len(rec["images"])
     click.echo(f"wrote {made} images to {out}/ ({rec['images_per_s']} images/s)"
                + (f", grid {grid}" if grid else "") + f", record {out / record_name(shard_km)}")

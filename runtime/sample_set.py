@@ -14,6 +14,7 @@ import contextlib
 import datetime as _dt
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,20 +53,42 @@ def instance_numbers(labels: tuple[int, ...] | None, n: int) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class SetPlan:
+    """A sample set before any image is made: its request hash, creation time, the images this
+    writer already finished (from its record) and the indices still to make."""
+    settings: dict[str, Any]
+    sha256: str
+    when: _dt.datetime
+    done: dict[int, dict[str, Any]]
+    todo: list[int]
+
+
+def plan_set(denoiser: Any, req: Request, *, out: str | Path, fmt: str = "png",
+             shard: tuple[int, int] | None = None, request_time: _dt.datetime | None = None,
+             xp: Any = np) -> SetPlan:
+    """Check the request against what `out` already holds; nothing is written."""
+    if fmt not in FORMATS:
+        raise CxrError(f"--format {fmt!r} is unknown (valid: {', '.join(FORMATS)})")
+    settings = request_settings(denoiser, req, fmt, xp)
+    sha = request_sha256(settings)
+    out = Path(out)
+    done = finished(out, shard, sha) if out.is_dir() else {}
+    when = _request_time(out, shard, request_time)
+    return SetPlan(settings, sha, when, done, [i for i in shard_range(req.n, shard) if i not in done])
+
+
 def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: int = 8, fmt: str = "png",
                   grid: str | Path | None = None, shard: tuple[int, int] | None = None,
                   request_time: _dt.datetime | None = None, on_step: StepFn | None = None,
-                  xp: Any = np) -> dict[str, Any]:
-    """Write the request's images (or the shard's share) under `out`; returns the record."""
-    if fmt not in FORMATS:
-        raise CxrError(f"--format {fmt!r} is unknown (valid: {', '.join(FORMATS)})")
+                  xp: Any = np, plan: SetPlan | None = None) -> dict[str, Any]:
+    """Write the request's images (or the shard's share) under `out`; returns the record.
+    plan: what plan_set returned for these arguments (the CLI plans first, for its checks)."""
+    plan = plan or plan_set(denoiser, req, out=out, fmt=fmt, shard=shard, request_time=request_time, xp=xp)
     out = ensure_writable_dir(Path(out))
     if grid is not None:
         ensure_writable_dir(Path(grid).parent, "grid folder")
-    settings = request_settings(denoiser, req, fmt, xp)
-    sha = request_sha256(settings)
-    done = finished(out, shard, sha)
-    when = _request_time(out, shard, request_time)
+    settings, sha, when, done, todo = plan.settings, plan.sha256, plan.when, plan.done, plan.todo
     names = list(denoiser.meta.get("class_names") or [])
     folders = {k: ensure_writable_dir(out / names[k]) for k in sorted(set(req.labels))} if req.labels else {}
     series = ({k: DicomSeries(sha, when, names[k], k + 1) for k in folders} if req.labels
@@ -73,7 +96,6 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
     instance = instance_numbers(req.labels, req.n)
     width = max(5, len(str(req.n - 1)))
     mine = shard_range(req.n, shard)
-    todo = [i for i in mine if i not in done]
     record: dict[str, Any] = {
         **settings, "engine": str(denoiser.path), "checkpoint": getattr(denoiser, "checkpoint", None),
         "cuda_graph": getattr(denoiser, "cuda_graph", None),
@@ -85,6 +107,8 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
     rows: dict[int, list[np.ndarray]] = {}                            # grid row (class) -> images
     t0 = time.perf_counter()
 
+    saved = set(done)                                                 # indices of the last record on disk
+
     def save(complete: bool) -> None:
         entries = [images[i] for i in sorted(images)]
         seconds = time.perf_counter() - t0
@@ -92,6 +116,17 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
                       seconds=round(seconds, 3),
                       images_per_s=round((len(images) - len(done)) / seconds, 3) if seconds > 0 else None)
         write_record(out, shard, record)
+        saved.clear()
+        saved.update(images)
+
+    def keep_listed() -> None:
+        """After a failure: list every complete image; if even the small record cannot be written
+        (a full disk), remove the images it does not list, so that listed == on disk."""
+        try:
+            save(False)
+        except OSError:
+            for i in set(images) - saved:
+                (out / images.pop(i)["file"]).unlink(missing_ok=True)
 
     path = out
     try:
@@ -107,11 +142,11 @@ def sample_to_dir(denoiser: Any, req: Request, *, out: str | Path, batch_size: i
                     rows[row].append(x)
             save(complete=False)
     except OSError as e:
-        _save_quietly(save)
+        keep_listed()
         raise CxrError(f"{path}: cannot write ({e.strerror or e}); {len(images)} complete images are kept and "
                        f"listed in {out / record_name(shard)}; rerun the same command to make the rest") from None
     except CxrError as e:
-        _save_quietly(save)
+        keep_listed()
         raise CxrError(f"{e}; {len(images)} complete images are kept and listed in "
                        f"{out / record_name(shard)}") from None
     record["cuda_graph"] = getattr(denoiser, "cuda_graph", None)       # after any fallback
@@ -137,19 +172,12 @@ def quiet_warnings() -> Iterator[None]:
 def _request_time(out: Path, shard: tuple[int, int] | None, given: _dt.datetime | None) -> _dt.datetime:
     """The given time, else the one this set was started with (a resumed set keeps its DICOM
     dates), else now. A given time that contradicts the recorded one is refused."""
-    rec = read_record(out / record_name(shard)) or {}
+    rec = (read_record(out / record_name(shard)) if out.is_dir() else None) or {}
     recorded = parse_time(rec["request_time"]) if rec.get("request_time") else None
     if given is not None and recorded is not None and given != recorded:
         raise CxrError(f"--request-time {given.isoformat()}: {out} was started with {rec['request_time']}; "
                        "pass that time (or none) to continue it")
     return given or recorded or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-
-
-def _save_quietly(save: Callable[[bool], None]) -> None:
-    try:                      # on a full disk even the small record may not fit: the last one stays
-        save(False)
-    except OSError:
-        pass
 
 
 def _write_grid(path: Path, rows: dict[int, list[np.ndarray]], *, by_class: bool) -> None:
