@@ -71,8 +71,12 @@ if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     # refuse a bad request here, in one line, before any task is queued
     "${rt[@]}" sample --engine "$engine" "${args[@]}" --shard "0/$tasks" --request-time "$when" --check-only || exit 2
     here="${SLURM_SUBMIT_DIR:-$PWD}"
-    script="$here/slurm/sample.sh"
-    [[ -f "$script" ]] || script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/sample.sh"
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then    # inside the planning job this file is Slurm's spool copy
+        script=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+    else
+        script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+    fi
+    [[ -f "$script" ]] || { echo "error: cannot find slurm/sample.sh to submit the array (got '$script')" >&2; exit 1; }
     export CXR_REQUEST_TIME="$when"
     # shellcheck disable=SC2086  # CXR_SBATCH_ARGS holds several flags
     array=$(sbatch --parsable --array="0-$((tasks - 1))" --chdir="$here" ${CXR_SBATCH_ARGS:-} \

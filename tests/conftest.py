@@ -69,3 +69,17 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_cfg) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     return save_checkpoint(path, cfg=tiny_cfg, step=0, class_names=["COVID-19", "Normal"],
                            ema=sd, online=sd, data_fingerprint="test")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real two-node Slurm cluster on localhost, shared by the Slurm tests of a session;
+    skipped with the reason where it cannot run (CI sets CXR_REQUIRE_SLURM=1: then it fails)."""
+    from slurm_cluster import SlurmCluster, slurm_unavailable
+    reason = slurm_unavailable()
+    if reason:
+        if os.environ.get("CXR_REQUIRE_SLURM") == "1":
+            pytest.fail(f"CXR_REQUIRE_SLURM=1 but: {reason}")
+        pytest.skip(reason)
+    with SlurmCluster() as c:
+        yield c

@@ -124,16 +124,24 @@ def test_lucidrains_checkpoint_samples_with_config(tmp_path: Path, tiny_cfg) -> 
     assert (tmp_path / "out" / "sample_00000.png").is_file()
 
 
-def test_rerun_makes_only_what_is_missing_and_shards_equal_one_run(onnx_path: Path, tmp_path: Path) -> None:
-    common = ("-n", "7", "--steps", "2", "--batch-size", "2", "--request-time", "2026-11-26T17:00:00Z")
-    assert sample(onnx_path, tmp_path / "one", *common, "--format", "npy").exit_code == 0
+@pytest.mark.parametrize("fmt", ["npy", "dcm"])
+def test_shards_make_the_files_one_process_makes(onnx_path: Path, tmp_path: Path, fmt: str) -> None:
+    """npy byte for byte; DICOM too (same pixels, UIDs and dates: they come from the request)."""
+    common = ("-n", "7", "--steps", "2", "--batch-size", "2", "--request-time", "2026-11-26T17:00:00Z",
+              "--format", fmt)
+    assert sample(onnx_path, tmp_path / "one", *common).exit_code == 0
     for k in range(3):
-        assert sample(onnx_path, tmp_path / "arr", *common, "--format", "npy", "--shard", f"{k}/3").exit_code == 0
+        assert sample(onnx_path, tmp_path / "arr", *common, "--shard", f"{k}/3").exit_code == 0
     assert run("manifest", tmp_path / "arr").exit_code == 0
     one = json.loads((tmp_path / "one" / "samples.json").read_text())
     arr = json.loads((tmp_path / "arr" / "samples.json").read_text())
     assert one["request_sha256"] == arr["request_sha256"] and arr["shards"] == 3
     assert [(e["file"], e["sha256"]) for e in one["images"]] == [(e["file"], e["sha256"]) for e in arr["images"]]
+
+
+def test_rerun_makes_only_what_is_missing(onnx_path: Path, tmp_path: Path) -> None:
+    common = ("-n", "7", "--steps", "2", "--batch-size", "2", "--request-time", "2026-11-26T17:00:00Z")
+    assert sample(onnx_path, tmp_path / "one", *common, "--format", "npy").exit_code == 0
     victim = tmp_path / "one" / "sample_00004.npy"
     victim.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "one").glob("sample_*")}

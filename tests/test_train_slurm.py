@@ -16,21 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, slurm_unavailable
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = slurm_unavailable()
-    if reason:
-        if os.environ.get("CXR_REQUIRE_SLURM") == "1":
-            pytest.fail(f"CXR_REQUIRE_SLURM=1 but: {reason}")
-        pytest.skip(reason)
-    with SlurmCluster() as c:
-        yield c
 
 
 def job_env(out: Path) -> dict[str, str]:
