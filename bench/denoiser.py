@@ -198,7 +198,7 @@ def run(out: Path, *, models: tuple[str, ...] = ("tiny", "cxr128"), sizes: tuple
         compile_at: tuple[str, int, int] | None = ("tiny", 64, 1), compile_limit_s: int = 150, extras: bool = True) -> Path:
     import torch
 
-    from cxr_ddpm.runtime.backends.onnx import cpu_allowance
+    from cxr_ddpm.runtime.system import cpu_allowance
     torch.set_num_threads(cpu_allowance())
     rows, notes, flops = [], [], []
     for model in models:

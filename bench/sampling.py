@@ -90,7 +90,7 @@ def run(out: Path, *, models: tuple[tuple[str, int, bool], ...] = (("tiny", 32, 
         batch: int = 16, measure_steps: int = 3) -> Path:
     import torch
 
-    from cxr_ddpm.runtime.backends.onnx import cpu_allowance
+    from cxr_ddpm.runtime.system import cpu_allowance
     torch.set_num_threads(cpu_allowance())
     rows, skipped = [], []
     for model, size, measure_all in models:

@@ -28,6 +28,7 @@ import numpy as np
 from .errors import CxrError
 from .guidance import guided
 from .samplers import SAMPLERS, USES_ETA, get_sampler, resolve_steps
+from .system import peak_rss_mib
 
 StepFn = Callable[[int], None]                # called after each step with the batch size
 NOISE = "image i: numpy default_rng([seed, i]), standard_normal float32"
@@ -192,18 +193,3 @@ def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpm
             "images_per_s": float(batch_size / np.median(totals)),
             "warmup_step_s": first_step_at - first, "first_step_at": first_step_at,
             "peak_rss_mib": peak_rss_mib()}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set. VmHWM, not getrusage: Linux carries ru_maxrss over
-    fork + exec, so a child started by a big parent would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-

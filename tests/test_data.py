@@ -13,7 +13,8 @@ from conftest import assert_user_error
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
 from cxr_ddpm.train.cli import main as train_cli
-from cxr_ddpm.train.data import CxrDataset, cpu_allowance, default_num_workers, list_images, scan_dataset
+from cxr_ddpm.runtime.system import cpu_allowance
+from cxr_ddpm.train.data import CxrDataset, default_num_workers, list_images, scan_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

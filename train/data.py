@@ -9,7 +9,6 @@ skipped with one warning and replaced by the next readable one.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections import Counter
@@ -21,72 +20,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cxr_ddpm.runtime.datasets import ImageList, images_under as _images_under, list_images
 from cxr_ddpm.runtime.errors import CxrError
-
-from cxr_ddpm.runtime.imageio import IMAGE_EXTS, UnreadableImage, load_resized, probe
-
-
-@dataclass(frozen=True)
-class ImageList:
-    root: Path
-    files: tuple[Path, ...]
-    labels: tuple[int, ...]
-    class_names: tuple[str, ...]
-
-    def fingerprint(self) -> str:
-        """Hash of relative paths, sizes and labels: identifies the data a checkpoint was trained on.
-
-        Not the bytes: hashing every file of the full set at each save would read gigabytes
-        from a shared filesystem; a same-size in-place edit is the case this does not catch."""
-        h = hashlib.sha256()
-        for f, y in zip(self.files, self.labels):
-            h.update(f"{f.relative_to(self.root)}\0{f.stat().st_size}\0{y}\n".encode())
-        return h.hexdigest()[:16]
-
-    def class_counts(self) -> list[int]:
-        counts = Counter(self.labels)
-        return [counts.get(i, 0) for i in range(len(self.class_names))]
-
-
-def list_images(root: str | Path) -> ImageList:
-    """Find images under class folders; images directly in root form one class named after it."""
-    root = Path(root)
-    if not root.exists():
-        raise CxrError(f"{root}: data folder not found")
-    if not root.is_dir():
-        raise CxrError(f"{root}: not a folder (expected one folder per class)")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    groups = [(d.name, _images_under(d)) for d in class_dirs]
-    groups = [(name, files) for name, files in groups if files]
-    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if loose and not groups:
-        groups = [(root.resolve().name, loose)]
-    if not groups:
-        exts = ", ".join(sorted(IMAGE_EXTS))
-        raise CxrError(f"{root}: no images found (expected class folders holding {exts})")
-    files, labels = [], []
-    for label, (_, paths) in enumerate(groups):
-        files += paths
-        labels += [label] * len(paths)
-    return ImageList(root, tuple(files), tuple(labels), tuple(name for name, _ in groups))
-
-
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+from cxr_ddpm.runtime.imageio import UnreadableImage, load_resized, probe
+from cxr_ddpm.runtime.system import cpu_allowance
 
 
 # -----------------------------------------------------------------------------
 # CPU allowance: a Slurm job owns some CPUs of a node, not all of them
-
-def cpu_allowance() -> int:
-    """CPUs this process may use: its affinity mask, capped by SLURM_CPUS_PER_TASK."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    if slurm and slurm.isdigit():
-        n = min(n, int(slurm))
-    return max(1, n)
-
 
 def default_num_workers(requested: int = -1) -> int:
     """DataLoader workers: keep one CPU for the training process itself."""

@@ -255,5 +255,5 @@ def progress_bar(world: World, step: int, total: int):
 def peak_mem_mib() -> float:
     if use_cuda():
         return torch.cuda.max_memory_allocated() / 2**20
-    from cxr_ddpm.runtime.sampling import peak_rss_mib   # VmHWM: not inherited from the launcher
+    from cxr_ddpm.runtime.system import peak_rss_mib     # VmHWM: not inherited from the launcher
     return peak_rss_mib()

@@ -21,19 +21,12 @@ from ..errors import CxrError
 from ..fsutil import file_sha256
 from ..interface import model_inputs
 from ..metadata import METADATA_KEY, read_metadata
+from ..system import cpu_allowance
 from . import ort_cuda
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def cpu_allowance() -> int:
-    """CPUs this process may run on (affinity / cgroup aware where the OS says so)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def available_providers() -> list[str]:
