@@ -89,6 +89,20 @@ def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str |
     click.echo(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
 
 
+@main.command("inception")
+@click.option("--weights", default=None, type=click.Path(path_type=Path),
+              help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: pytorch-fid downloads it).")
+@click.option("--out", default="inception.onnx", show_default=True, type=click.Path(path_type=Path))
+@cli_errors
+def inception_cmd(weights: Path | None, out: Path) -> None:
+    """Export pytorch-fid's Inception-v3 (2048-d pool features) as ONNX for `cxr-runtime eval`."""
+    from .inception import export_inception
+    meta = export_inception(weights, out)
+    published = str(meta["weights_sha256"] or "").startswith("6726825d")
+    click.echo(f"wrote {out} (features vs pytorch-fid: {meta['verified_relative_error']:.1e} of the largest; "
+               f"weights {meta['weights_file']}" + ("" if published else ", NOT pytorch-fid's published ones") + ")")
+
+
 @main.command("verify")
 @click.argument("artifact")
 @click.option("--ckpt", required=True, help="The checkpoint the artifact was exported from.")

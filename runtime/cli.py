@@ -256,6 +256,34 @@ def manifest(out: Path) -> None:
                + f", request {rec['request_sha256'][:12]}; wrote {out / 'samples.json'} and {out / MANIFEST}")
 
 
+@main.command("eval")
+@click.argument("real_dir", type=click.Path(path_type=Path))
+@click.argument("synth_dir", type=click.Path(path_type=Path))
+@click.option("--features", type=click.Path(path_type=Path), default=None,
+              help="Inception feature extractor from `cxr-export inception` (FID, KID, precision/recall)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="report folder [default: SYNTH_DIR/eval]")
+@click.option("--size", type=int, default=None, help="image size [default: the synthetic set's]")
+@click.option("--fail-on-copies", is_flag=True, help="exit 3 when any synthetic image looks like a training copy")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@cli_errors
+def eval_cmd(real_dir: Path, synth_dir: Path, features: Path | None, out: Path | None, size: int | None,
+             fail_on_copies: bool, provider: str) -> None:
+    """Compare a synthetic set with the real one: FID/KID/precision-recall (with --features),
+    memorization audit, per-class counts, intensity histograms. Writes eval.json, eval.md, PNGs."""
+    from .evaluate import evaluate, first_line
+    if size is not None and size <= 0:
+        raise CxrError(f"--size {size}: must be >= 1")
+    report = evaluate(real_dir, synth_dir, out=out, features=features, size=size, provider=provider)
+    m = report["memorization"]
+    click.echo(first_line(report))
+    click.echo(f"memorization: {len(m['copies'])} likely copies of training images "
+               f"({100 * m['copy_share']:.1f}%); report {out or synth_dir / 'eval'}/eval.md")
+    if fail_on_copies and m["copies"]:
+        print(f"error: {len(m['copies'])} synthetic images look like copies of training images "
+              f"(--fail-on-copies); see {out or synth_dir / 'eval'}/closest_pairs.png", file=sys.stderr)
+        sys.exit(3)
+
+
 @main.command("bench-worker", hidden=True)
 @click.argument("engine", type=click.Path(path_type=Path))
 @click.option("--batch-size", type=int, default=1)

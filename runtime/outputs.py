@@ -34,7 +34,7 @@ def quantize(x: np.ndarray, bits: int) -> np.ndarray:
     return np.rint(img * top).astype(np.uint8 if bits == 8 else np.uint16)
 
 
-def _png_bytes(gray: np.ndarray) -> bytes:
+def png_bytes(gray: np.ndarray) -> bytes:
     from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(gray).save(buf, format="PNG")
@@ -63,9 +63,9 @@ def write_image(path: Path, x: np.ndarray, fmt: str, *, meta: dict[str, Any] | N
     """Write one sample (C, H, W in [-1, 1]) as `fmt`; returns the path written.
     DICOM needs `series` and the image's 1-based `instance` number within it."""
     if fmt == "png":
-        data = _png_bytes(quantize(x, 8))
+        data = png_bytes(quantize(x, 8))
     elif fmt == "png16":
-        data = _png_bytes(quantize(x, 16))
+        data = png_bytes(quantize(x, 16))
     elif fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, to_unit(x))                               # float32 [0, 1], (C, H, W)
@@ -147,5 +147,5 @@ def grid_png(path: Path, images: list[np.ndarray | None], *, cols: int | None = 
         y, x0 = pad + r * (h + pad), pad + c * (w + pad)
         canvas[y:y + h, x0:x0 + w] = quantize(x, 8)
     with atomic_write(path) as f:
-        f.write(_png_bytes(canvas))
+        f.write(png_bytes(canvas))
     return path
