@@ -91,7 +91,7 @@ def sample_ddpm(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int 
     """
     T = schedule.timesteps
     if steps not in (None, T):
-        raise CxrError(f"--steps={steps}: ddpm runs all T={T} steps; use ddim or dpmpp-2m for fewer")
+        raise CxrError(f"steps={steps}: ddpm runs all T={T} steps; use ddim or dpmpp-2m for fewer")
     if noise is None:
         raise ValueError("sample_ddpm needs a noise source")
     coef1, coef2, var = schedule.posterior()
@@ -115,7 +115,7 @@ def sample_ddim(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int,
     """DDIM (Song et al. 2021) on lucidrains' grid, `eta` = 0 deterministic, 1 ~ ancestral."""
     eta = float(eta or 0.0)
     if eta < 0:
-        raise CxrError(f"--eta={eta} must be >= 0")
+        raise CxrError(f"eta={eta} must be >= 0")
     if eta > 0 and noise is None:
         raise ValueError("sample_ddim with eta > 0 needs a noise source")
     ac = schedule.alphas_cumprod
@@ -186,17 +186,18 @@ def get_sampler(name: str) -> Callable[..., Array]:
     try:
         return SAMPLERS[name]
     except KeyError:
-        raise CxrError(f"--sampler {name!r} is unknown (valid: {', '.join(SAMPLERS)})") from None
+        raise CxrError(f"sampler {name!r} is unknown (valid: {', '.join(SAMPLERS)})") from None
 
 
-def resolve_steps(sampler: str, steps: int | None, timesteps: int) -> int:
-    """Model calls a run will make: T for ddpm, `steps` (or the sampler's default) otherwise."""
+def resolve_steps(sampler: str, steps: int | None, timesteps: int, what: str = "steps") -> int:
+    """Model calls a run will make: T for ddpm, `steps` (or the sampler's default) otherwise.
+    `what` names the parameter in errors (the CLI passes its flag)."""
     get_sampler(sampler)
     if sampler == "ddpm":
         if steps not in (None, timesteps):
-            raise CxrError(f"--steps={steps}: ddpm runs all T={timesteps} steps; "
-                           "use --sampler ddim or dpmpp-2m for fewer")
+            raise CxrError(f"{what}={steps}: ddpm runs all T={timesteps} steps; use sampler ddim or dpmpp-2m "
+                           "for fewer")
         return timesteps
     steps = min(DEFAULT_STEPS[sampler], timesteps) if steps is None else steps
-    return check_steps(steps, timesteps)
+    return check_steps(steps, timesteps, what)
 

@@ -57,7 +57,7 @@ def resolve_request(denoiser: Any, n: int, *, sampler: str = "dpmpp-2m", steps: 
         raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLERS)})")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise CxrError(f"--seed {seed}: must be an integer >= 0 (image i uses default_rng([seed, i]))")
-    steps = resolve_steps(sampler, steps, denoiser.schedule.timesteps)
+    steps = resolve_steps(sampler, steps, denoiser.schedule.timesteps, what="--steps")
     if eta is not None:
         if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
             raise CxrError(f"--eta {eta}: must be a finite number in [0, 1] (0 deterministic, 1 ancestral)")

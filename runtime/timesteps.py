@@ -11,7 +11,7 @@ import numpy as np
 from .errors import CxrError
 
 
-def check_steps(steps: int, timesteps: int, what: str = "--steps") -> int:
+def check_steps(steps: int, timesteps: int, what: str = "steps") -> int:
     """Sampling steps must be in 1..T (one model call each); CxrError otherwise."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise CxrError(f"{what} must be an integer, got {steps!r}")
