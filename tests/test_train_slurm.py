@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slurm
@@ -52,7 +53,8 @@ def test_sbatch_two_nodes_zero2(cluster, tmp_path, tiny_cfg):
     assert marker["world_size"] == 2 and len(set(marker["param_digests"])) == 1
     ck = load_checkpoint(out, config=tiny_cfg)
     assert ck.step == 4 and ck.meta["provenance"]["world_size"] == 2
-    ck.build_unet()
+    unet = ck.build_unet().state_dict()                      # the EMA weights the two ranks trained
+    assert all(torch.equal(unet[k], ck.ema[k]) for k in ck.ema) and ck.online is not None
 
 
 def _wait(what: str, cond, timeout: float, log: Path):
