@@ -111,7 +111,7 @@ class TrainConfig:
     sample_steps: int = 50                        # DDIM steps for the sample grids
     num_samples: int = 16                         # images in a sample grid
     log_every: int = 10                           # steps between loss log lines
-    channels_last: bool = False                   # NHWC activations (faster convolutions on GPUs)
+    channels_last: bool = False                   # NHWC input/activations (faster convolutions on GPUs)
     compile: bool = False                         # torch.compile the U-Net (graphs that fail run eager)
     tensorboard: bool = False                     # also write TensorBoard scalars + grids to RUN/tb
 

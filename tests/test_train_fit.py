@@ -58,7 +58,7 @@ def run_ok(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def test_fit_world_size_1(tmp_path, cxr_mini, tiny_cfg):
     out = tmp_path / "run"
     p = run_ok(fit_cmd(cxr_mini, out, "train.steps=4", "train.sample_every=4", "train.sample_steps=3",
-                       "train.num_samples=4", "train.tensorboard=true"))
+                       "train.num_samples=4", "train.tensorboard=true", "train.channels_last=true"))
     assert "fit: done: step 4/4" in p.stderr and "images/s" in p.stderr and "peak memory" in p.stderr
     assert [s for s, _ in losses(out)] == [1, 2, 3, 4]
     assert all(float(v) > 0 for _, v in losses(out))

@@ -125,6 +125,8 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
 def train_step(m: Model, batches: Iterator, cfg: Config, dev: torch.device, clock: "Clock") -> torch.Tensor:
     """One optimizer step over train.grad_accum micro-batches; returns the mean loss, on the device."""
     t = cfg.train
+    # channels_last: the input only; convolutions follow their input's layout. The weights stay
+    # contiguous, which DeepSpeed's parameter broadcast and flattening require.
     fmt = torch.channels_last if t.channels_last else torch.preserve_format
     loss_sum = torch.zeros((), device=dev)
     for _ in range(t.grad_accum):

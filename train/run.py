@@ -103,8 +103,6 @@ def build_model(cfg: Config, dev: torch.device, ds_config: dict[str, Any], seed:
     ckpt.seed_everything(t.seed)                   # same initial weights on every rank
     unet = build_unet(cfg.model)
     diffusion = build_diffusion(cfg, unet).to(dev)  # fp32 schedule buffers, never seen by DeepSpeed
-    if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
     if t.compile:
         import torch._dynamo as dynamo
         dynamo.config.suppress_errors = True  # a graph that fails to compile runs eager
