@@ -62,3 +62,10 @@ def test_real_cuda_session_runs_on_cuda(tmp_path: Path) -> None:
     preload_gpu_libraries()
     sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     check_session_provider(sess, "cuda", str(path))
+
+
+def test_gpu_install_hint_names_the_swap() -> None:
+    from cxr_ddpm.runtime.backends.onnx import GPU_SWAP, gpu_install_hint
+    both = gpu_install_hint({"onnxruntime", "onnxruntime-gpu"})
+    assert both.startswith("both onnxruntime and onnxruntime-gpu are installed") and both.endswith(GPU_SWAP)
+    assert gpu_install_hint({"onnxruntime"}).startswith("for cuda/tensorrt install the GPU build")

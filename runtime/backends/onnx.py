@@ -105,6 +105,29 @@ def session_options(*, threads: int | None = None, opt_level: str = "all",
     return so
 
 
+GPU_SWAP = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu>=1.31'"
+
+
+def installed_ort_packages() -> set[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    found = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            version(name)
+            found.add(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_install_hint(installed: set[str]) -> str:
+    """What to do when the CUDA provider is missing. onnxruntime and onnxruntime-gpu install
+    the same `onnxruntime` module; with both, whichever was installed last owns the files."""
+    if {"onnxruntime", "onnxruntime-gpu"} <= installed:
+        return f"both onnxruntime and onnxruntime-gpu are installed and the CPU build won: {GPU_SWAP}"
+    return f"for cuda/tensorrt install the GPU build: pip install 'cxr-ddpm[gpu]', then {GPU_SWAP}"
+
+
 class OrtDenoiser:
     """Exported U-Net in an ONNX Runtime session; `__call__` returns the raw model output."""
 
@@ -119,8 +142,7 @@ class OrtDenoiser:
         have = available_providers()
         if provider not in have:
             raise CxrError(f"--provider {provider}: not available in this onnxruntime "
-                           f"(available: {', '.join(have)}); for cuda/tensorrt install "
-                           f"onnxruntime-gpu (pip install 'cxr-ddpm[gpu]')")
+                           f"(available: {', '.join(have)}); " + gpu_install_hint(installed_ort_packages()))
         self.cuda_graph = ort_cuda.resolve_cuda_graph(cuda_graph, provider)
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         so = session_options(threads=threads, opt_level=opt_level, mem_pattern=mem_pattern)
