@@ -132,9 +132,9 @@ def evaluate(real_dir: str | Path, synth_dir: str | Path, *, out: str | Path | N
     report: dict[str, Any] = {
         "real": str(real_dir), "synthetic": str(synth_dir), "image_size": size,
         "counts": {"real": _counts(real_classes), "synthetic": _counts(synth_classes)},
-        "preprocessing": (f"real images decoded and resized to {size} px as training sees them; both sets "
-                          "replicated to 3 channels and resized to 299 px bilinear inside the extractor, "
-                          "as pytorch-fid does"),
+        "preprocessing": f"real images decoded and resized to {size} px as training sees them" + (
+            "; for the features both sets are replicated to 3 channels and resized to 299 px bilinear "
+            "inside the extractor, as pytorch-fid does" if extractor else ""),
         "histogram": histogram_distance(real, synth)}
     with tqdm(total=len(synth), desc="nearest training image", unit="img", leave=False) as bar:
         a = audit(real, synth, progress=bar.update)
