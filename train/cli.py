@@ -45,12 +45,7 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     click.echo("formats:")
     for fmt, n in report.formats.most_common():
         click.echo(f"  {fmt:<24}  {n:6d}")
-    if report.unreadable:
-        click.echo(f"unreadable: {len(report.unreadable)}")
-        for path, reason in report.unreadable[:max_list]:
-            click.echo(f"  {path}: {reason}")
-        if len(report.unreadable) > max_list:
-            click.echo(f"  ... and {len(report.unreadable) - max_list} more")
+    _list_unreadable("unreadable:", report.unreadable, max_list)
     if report.usable == 0:
         raise CxrError(f"{data_dir}: all {total} images are unreadable")
     click.echo(f"usable: {report.usable} of {total} images")
@@ -58,6 +53,16 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     if empty:
         raise CxrError(f"{data_dir}: class {', '.join(repr(n) for n in empty)} has no readable image "
                        "(training would never draw it)")
+
+
+def _list_unreadable(title: str, files: list, max_list: int) -> None:
+    """`title N`, then up to max_list `path: reason` lines."""
+    if files:
+        click.echo(f"{title} {len(files)}")
+        for path, reason in files[:max_list]:
+            click.echo(f"  {path}: {reason}")
+        if len(files) > max_list:
+            click.echo(f"  ... and {len(files) - max_list} more")
 
 
 @main.command("prepare")
@@ -72,12 +77,7 @@ def prepare_cmd(data_dir: str, size: int, out_dir: str, workers: int | None, max
     from .prepared import prepare
 
     r = prepare(data_dir, size, out_dir, workers=workers, progress=sys.stderr.isatty())
-    if r.skipped:
-        click.echo(f"skipped {len(r.skipped)} unreadable:")
-        for path, reason in r.skipped[:max_list]:
-            click.echo(f"  {path}: {reason}")
-        if len(r.skipped) > max_list:
-            click.echo(f"  ... and {len(r.skipped) - max_list} more")
+    _list_unreadable("skipped, unreadable:", r.skipped, max_list)
     click.echo(f"{r.out}: {r.count} images, {size} px, {r.dtype}, in {r.seconds:.1f} s")
 
 
