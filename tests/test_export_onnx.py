@@ -145,9 +145,13 @@ def test_lucidrains_pt_with_config(tmp_path: Path, tiny_cfg, fast_exporter) -> N
     assert res.exit_code == 0, res.output
     meta = read_onnx_metadata(out)
     assert meta["source"]["step"] == 5 and meta["exporter"] == "legacy"
-    # the same file against another architecture's config: one line, nothing written
+    # the same file against another schedule's or architecture's config: one line, nothing written
     other = tmp_path / "other.onnx"
     res = run_cli("onnx", "--ckpt", tmp_path / "model-5.pt", "--config", ROOT / "configs/cxr128.yaml", "--out", other)
+    assert_one_line_error(res, "checkpoint has diffusion.timesteps=100 but the config says diffusion.timesteps=1000")
+    wider = tmp_path / "wider.yaml"
+    wider.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("dim: 16", "dim: 32"))
+    res = run_cli("onnx", "--ckpt", tmp_path / "model-5.pt", "--config", wider, "--out", other)
     assert_one_line_error(res, "weights do not fit the model")
     assert not other.exists()
 
