@@ -24,7 +24,7 @@ from .datasets import list_images
 from .errors import CxrError
 from .fsutil import atomic_write, ensure_writable_dir
 from .imageio import UnreadableImage, load_gray, load_resized, resize_center_crop
-from .memorization import NEAR_DUPLICATE_NCC, PERCENTILE, SIZE, audit
+from .memorization import NEAR_DUPLICATE_NCC, PERCENTILE, SIZE, audit, feature_audit
 from .metrics import frechet_distance, gaussian_stats, histogram_distance, kid, precision_recall
 from .outputs import grid_png, png_bytes
 
@@ -155,6 +155,7 @@ def evaluate(real_dir: str | Path, synth_dir: str | Path, *, out: str | Path | N
         report["features"] = {"extractor": str(features), "published_weights": extractor.published,
                               "frechet_distance": frechet_distance(mu_r, s_r, mu_s, s_s),
                               "kid_mean": k_mean, "kid_std": k_std, **precision_recall(fr, fs)}
+        report["memorization"]["feature_space"] = feature_audit(fr, extractor(real[:, :, ::-1]), fs)
     _write(out, report, real, synth, a)
     return report
 
@@ -197,6 +198,9 @@ def _write(out: Path, report: dict[str, Any], real: np.ndarray, synth: np.ndarra
               f"training image than distance {m['threshold_distance']:.4f} ({m['threshold_rule']}); "
               "closest pairs in closest_pairs.png",
               f"- median distance of a synthetic image to its nearest training image: {m['median_nearest_distance']:.4f}",
+              *([f"- in feature space: {len(m['feature_space']['copies'])} of {len(synth)} closer to a training image "
+                 f"than distance {m['feature_space']['threshold_distance']:.4g} (same rule)"]
+                if "feature_space" in m else []),
               f"- training pairs with NCC >= {NEAR_DUPLICATE_NCC}: {len(m['training_near_duplicates'])} "
               "(near-duplicates in the training set lower the threshold)",
               "", "Reading it: a share near 0 means no synthetic image is closer to a training patient than "

@@ -80,3 +80,22 @@ def audit(train: np.ndarray, synth: np.ndarray, *, chunk: int = 512,
     return Audit(nearest=best % n, mirrored=best >= n, distance=1.0 - val,
                  threshold=float(np.percentile(train_nn, PERCENTILE)), train_nn=train_nn,
                  duplicates=sorted(dup, key=lambda d: -d[2]))
+
+
+def feature_audit(train: np.ndarray, train_mirrored: np.ndarray, synth: np.ndarray) -> dict:
+    """The same test in feature space (Euclidean distance between Inception features): each
+    synthetic image's nearest training image (mirrors included) against the PERCENTILE-th
+    percentile of distinct training images' nearest-other distances."""
+    from .metrics import pairwise_distances
+    n = len(train)
+    keys = np.concatenate([train, train_mirrored])                   # (2T, F)
+    tt = pairwise_distances(train, keys)
+    tt[np.arange(n), np.arange(n)] = np.inf                           # itself and its own mirror
+    tt[np.arange(n), np.arange(n) + n] = np.inf
+    threshold = float(np.percentile(tt.min(axis=1), PERCENTILE))
+    st = pairwise_distances(synth, keys)
+    best = st.argmin(axis=1)
+    dist = st[np.arange(len(synth)), best]
+    copies = np.flatnonzero(dist < threshold)
+    return {"threshold_distance": threshold, "copies": [int(i) for i in copies],
+            "nearest": [int(b % n) for b in best], "copy_share": float(len(copies) / max(len(synth), 1))}

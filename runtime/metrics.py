@@ -55,7 +55,8 @@ def kid(real: np.ndarray, fake: np.ndarray, *, subsets: int = 100, subset_size: 
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of a and the rows of b."""
     d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
     return np.sqrt(np.clip(d2, 0, None))
 
@@ -66,10 +67,10 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str
         raise ValueError(f"precision/recall with k={k} needs more than {k} images in each set")
 
     def radii(f: np.ndarray) -> np.ndarray:
-        return np.sort(_pairwise(f, f), axis=1)[:, k]           # column 0 is the point itself
+        return np.sort(pairwise_distances(f, f), axis=1)[:, k]           # column 0 is the point itself
 
     def coverage(points: np.ndarray, centres: np.ndarray, r: np.ndarray) -> float:
-        return float((_pairwise(points, centres) <= r[None, :]).any(axis=1).mean())
+        return float((pairwise_distances(points, centres) <= r[None, :]).any(axis=1).mean())
 
     return {"precision": coverage(fake, real, radii(real)), "recall": coverage(real, fake, radii(fake)), "k": k}
 

@@ -142,6 +142,7 @@ def test_random_weights_report_says_so_and_prints_no_fid(random_extractor: Path,
     assert not re.search(r"FID\W*[:=]?\s*[0-9]", md + res.output)             # no number labelled FID
     rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert rep["features"]["published_weights"] is False and rep["memorization"]["copy_share"] == 1.0
+    assert rep["memorization"]["feature_space"]["copy_share"] == 1.0        # real images: copies in features too
     for png in ("closest_pairs.png", "histograms.png"):
         assert (tmp_path / "ev" / png).read_bytes()[:4] == b"\x89PNG"
     res = CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(tmp_path / "synth"), "--size", "64",
@@ -163,3 +164,12 @@ def test_eval_without_features_and_bad_inputs(tmp_path: Path) -> None:
     fake.write_bytes(b"junk")
     assert_user_error(CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(tmp_path / "s"), "--features",
                                                        str(fake)]), "not a loadable ONNX model")
+
+
+def test_feature_audit_flags_copies_and_mirrors_only() -> None:
+    from cxr_ddpm.runtime.memorization import feature_audit
+    rng = np.random.default_rng(4)
+    train, mirrored = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
+    synth = np.stack([train[3], mirrored[7] + 1e-6, rng.normal(size=8) * 5])
+    a = feature_audit(train, mirrored, synth)
+    assert a["copies"] == [0, 1] and a["nearest"][:2] == [3, 7]
