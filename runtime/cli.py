@@ -120,8 +120,8 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
             rec = sample_to_dir(den, req, out=out, batch_size=batch_size, fmt=fmt, grid=grid, shard=shard_km,
                                 request_time=when, on_step=lambda b: bar.update(b / req.steps), xp=xp,
                                 plan=plan)
-    made = len(rec["images"])
-    click.echo(f"wrote {made} images to {out}/ ({rec['images_per_s']} images/s)"
+    kept = f", {len(plan.done)} kept from an earlier run" if plan.done else ""
+    click.echo(f"wrote {len(plan.todo)} images to {out}/ ({rec['images_per_s']} images/s{kept})"
                + (f", grid {grid}" if grid else "") + f", record {out / record_name(shard_km)}")
 
 
