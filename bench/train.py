@@ -22,6 +22,7 @@ NAMES = {0: "DDP (ZeRO-0)", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
 OVERHEAD_VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cxr-train fit (DeepSpeed, EMA, loader)", ()),
     ("  + train.channels_last", ("train.channels_last=true",)),
+    ("  + train.ema_every=10", ("train.ema_every=10",)),
 )
 
 
