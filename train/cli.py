@@ -1,6 +1,7 @@
 """`cxr-train`: thin click commands over train/ library functions."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -107,11 +108,20 @@ def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
 
     cfg = load_config(config_path, overrides)
     result = fit(cfg, data_dir=data_dir, out_dir=out_dir, resume=resume, run_name=Path(config_path).stem)
+    code = EXIT_REQUEUE if result.preempted else 0
     if result.preempted:
         # Saved. srun (--kill-on-bad-exit: 75 counts as bad) and torchrun's agent now SIGTERM
         # the other ranks; ignored, so none dies mid-exit and turns the step's 75 into 143.
         ignore_stop_signals()
-        sys.exit(EXIT_REQUEUE)
+    if result.world_size > 1:
+        # Everything is saved, closed and the process group destroyed. Interpreter teardown
+        # of the collective backend's threads can still abort a rank ("terminate called
+        # without an active exception", seen once on CPU under ZeRO-3 after a finished run),
+        # which the launcher reports as a failed job: leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class FitResult:
     preempted: bool             # stopped on a signal; a checkpoint of `step` exists
     images_per_s: float
     peak_mem_mib: float
+    world_size: int = 1
 
 
 def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -108,7 +109,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if step >= t.steps:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
         stop.close()
-    result = FitResult(run, step, step < t.steps, clock.images_per_s, float(peak))
+    result = FitResult(run, step, step < t.steps, clock.images_per_s, float(peak), world.world_size)
     if log:
         bar.close()
         log.close({"step": step, "preempted": result.preempted, "images_per_s": result.images_per_s,
