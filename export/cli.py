@@ -96,9 +96,11 @@ def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str |
 @cli_errors
 def inception_cmd(weights: Path | None, out: Path) -> None:
     """Export pytorch-fid's Inception-v3 (2048-d pool features) as ONNX for `cxr-runtime eval`."""
+    from cxr_ddpm.runtime.evaluate import PUBLISHED_WEIGHTS
+
     from .inception import export_inception
     meta = export_inception(weights, out)
-    published = str(meta["weights_sha256"] or "").startswith("6726825d")
+    published = str(meta["weights_sha256"] or "").startswith(PUBLISHED_WEIGHTS)
     click.echo(f"wrote {out} (features vs pytorch-fid: {meta['verified_relative_error']:.1e} of the largest; "
                f"weights {meta['weights_file']}" + ("" if published else ", NOT pytorch-fid's published ones") + ")")
 
