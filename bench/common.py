@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -147,11 +149,11 @@ def save_png(fig: Any, path: Path) -> Path:
     return path
 
 
-def figure(w: float = 7, h: float = 4) -> tuple[Any, Any]:
+def figure(w: float = 7, h: float = 4, ncols: int = 1) -> tuple[Any, Any]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(w, h))
+    return plt.subplots(1, ncols, figsize=(w, h))
 
 
 def config_key(cfg: Any, *extra: str) -> str:
@@ -170,7 +172,7 @@ def fresh_artifacts(name: str, overrides: Sequence[str] = (), precisions: Sequen
     import torch
 
     from cxr_ddpm.export.onnx_export import export_onnx
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     from cxr_ddpm.train.checkpoint import save_checkpoint
     from cxr_ddpm.train.model import build_unet
 
@@ -189,3 +191,26 @@ def fresh_artifacts(name: str, overrides: Sequence[str] = (), precisions: Sequen
             export_onnx(ckpt, path, precision=p, verify=False, log=lambda m: None)
         out[p] = path
     return out
+
+
+def run_child(cmd: Sequence[str], timeout_s: float, log: Path) -> tuple[str, int | None, float]:
+    """(ok | failed | timeout, exit code, seconds); stdout and stderr go to `log`. The child leads
+    its own session: on timeout, and after it ends (stray workers), its whole group is killed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10"}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env=env, start_new_session=True)
+        rc: int | None = None
+        try:
+            rc = p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:                       # also when the check itself is stopped (SIGTERM, Ctrl-C)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            p.wait()
+    seconds = round(time.perf_counter() - t0, 1)
+    return ("timeout" if rc is None else "ok" if rc == 0 else "failed"), rc, seconds

@@ -8,10 +8,14 @@ MFU = FLOPs per image x images/s / measured bf16 matmul peak (8192^3 GEMMs).
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
+
+from cxr_ddpm.runtime.errors import CxrError
 
 from . import gpu_sampling
 from .common import fresh_artifacts, md_table, stats, write_section
@@ -54,7 +58,29 @@ def graphed(unet: Any, x: Any, t: Any) -> Callable[[], Any]:
     return g.replay
 
 
-def variants(arts: dict[str, Path], size: int, batch: int) -> dict[str, Callable[[], Any]]:
+def ort_calls(path: Path, x: np.ndarray, t: np.ndarray, providers: Sequence[str] = ("cuda", "tensorrt")
+              ) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """One denoiser call per ORT provider (`ort_<provider>`), and why each missing one is missing.
+
+    Sessions come from the runtime's one factory (open_session: GPU libraries preloaded, TF32 off
+    as in the runtime, the provider checked): ORT silently runs a session on CPU when a provider's
+    libraries do not load, which would time the CPU under a GPU label."""
+    from cxr_ddpm.runtime.backends.onnx import open_session
+    calls: dict[str, Callable[[], Any]] = {}
+    skipped: dict[str, str] = {}
+    for provider in providers:
+        try:
+            sess = open_session(path, provider=provider, trt_batches=(x.shape[0],),
+                                source=f"bench gpu: {path}")
+        except CxrError as e:
+            skipped[f"ort_{provider}"] = str(e)
+            continue
+        calls[f"ort_{provider}"] = functools.partial(sess.run, ["out"], {"x": x, "t": t})  # typed, unlike lambda s=sess
+    return calls, skipped
+
+
+def variants(arts: dict[str, Path], size: int, batch: int) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """The timed calls, and the variants that could not be set up with the reason."""
     import torch
     unet = load_unet(arts["ckpt"]).cuda()
     x = torch.randn(batch, 1, size, size, device="cuda")
@@ -66,34 +92,27 @@ def variants(arts: dict[str, Path], size: int, batch: int) -> dict[str, Callable
                 return unet(x, t)
         return call
     out: dict[str, Callable[[], Any]] = {"eager_fp32": eager(None), "eager_bf16": eager(torch.bfloat16)}
+    skipped: dict[str, str] = {}
     try:
         out["cuda_graph_fp32"] = graphed(unet, x, t)
     except Exception as e:  # capture can fail on some ops; record as a missing variant
-        print(f"  cuda graph capture failed: {e}")
-    import onnxruntime as ort
-    xn, tn = x.cpu().numpy(), t.cpu().numpy()
-    for name, prov in (("ort_cuda", "CUDAExecutionProvider"), ("ort_tensorrt", "TensorrtExecutionProvider")):
-        if prov in ort.get_available_providers():
-            try:
-                sess = ort.InferenceSession(str(arts["fp32"]), providers=[prov, "CPUExecutionProvider"])
-                out[name] = lambda s=sess: s.run(["out"], {"x": xn, "t": tn})
-            except Exception as e:  # e.g. TensorRT libs missing at session creation
-                print(f"  {name} unavailable: {e}")
-    return out
+        skipped["cuda_graph_fp32"] = f"capture failed: {' '.join(str(e).split())[:160]}"
+    calls, missing = ort_calls(arts["fp32"], x.cpu().numpy(), t.cpu().numpy())
+    return {**out, **calls}, {**skipped, **missing}
 
 
 def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr128", 128)),
         batches: tuple[int, ...] = (1, 16), runs: int = 20, sampling: tuple[str, int] = ("cxr128", 128),
         step_batch: int = 16, e2e_batch: int = 64, e2e_steps: int = 20, e2e_repeats: int = 3) -> Path:
     import torch
-    flops = []
+    flops: list[dict[str, Any]] = []
     for model, size in models:
         arts = fresh_artifacts(model, [f"model.image_size={size}"], ("fp32",))
         flops.append({"model": model, "px": size, "gflops_per_image": round(flops_per_image(arts["ckpt"], size) / 1e9, 3)})
     if not torch.cuda.is_available():
         why = ("pending: no CUDA device visible to this process (this benchmark run was on a CPU-only machine; "
                "the session was not lent a GPU). Re-run `python -m bench gpu --out bench/results` on a GPU machine.")
-        doc = {"status": "pending", "why": why, "flops": flops, "rows": [],
+        doc: dict[str, Any] = {"status": "pending", "why": why, "flops": flops, "rows": [],
                "sampling_status": "pending", "sampling_planned": gpu_sampling.planned()}
         md = (f"## GPU\n\n{why}\n\nFLOPs per image per denoiser call (counted on CPU):\n\n"
               + md_table(flops, [("model", "model"), ("px", "px"), ("gflops_per_image", "GFLOP")])
@@ -105,7 +124,10 @@ def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr
     for f in flops:
         arts = fresh_artifacts(f["model"], [f"model.image_size={f['px']}"], ("fp32",))
         for b in batches:
-            for name, fn in variants(arts, f["px"], b).items():
+            calls, skipped = variants(arts, f["px"], b)
+            rows += [{"model": f["model"], "px": f["px"], "batch": b, "variant": name, "skipped": why}
+                     for name, why in skipped.items()]
+            for name, fn in calls.items():
                 r = cuda_time(fn, runs)
                 ips = b / (r["median_ms"] / 1e3)
                 rows.append({"model": f["model"], "px": f["px"], "batch": b, "variant": name, **r,
@@ -125,7 +147,7 @@ def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 64), ("cxr
     md = (f"## GPU ({doc['gpu_name']}, bf16 matmul peak {peak:.0f} TFLOP/s measured)\n\n{trt}\n\n"
           + md_table(rows, [("model", "model"), ("px", "px"), ("batch", "batch"), ("variant", "variant"),
                             ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("images_per_s", "images/s"),
-                            ("mfu_vs_bf16_peak", "MFU")])
+                            ("mfu_vs_bf16_peak", "MFU"), ("skipped", "not measured")])
           + f"\n### Runtime sampling on CUDA ({samp['sampling_status']})\n\nDenoiser step:\n\n"
           + md_table(samp["sampling_step_rows"], gpu_sampling.STEP_COLS)
           + f"\nEnd to end (dpmpp-2m {e2e_steps} steps, batch {e2e_batch}; start-up separate):\n\n"

@@ -7,14 +7,15 @@
   repeats); start-up (session creation, then the first batch with warm-up and graph capture)
   reported separately, never folded into s/image.
 A variant whose CUDA graphs fall back (ORT refused or capture failed) is recorded as such, not
-timed under the graph name.
+timed under the graph name. `provider="cpu"` runs the same rows on ORT's CPU provider with NumPy
+(the CuPy and graph variants then say why not): how this code is executed on a CPU machine.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -50,30 +51,39 @@ def _sync(xp: Any) -> None:
         xp.cuda.Device().synchronize()
 
 
-def open_variant(path: Path, graph: str, arrays: str) -> tuple[Any, Any, str | None]:
-    """(denoiser, array module, why not) for one variant; graphs that fell back say so."""
+def open_variant(path: Path, graph: str, arrays: str, provider: str = "cuda") -> tuple[Any, Any, str | None]:
+    """(denoiser, array module, why not) for one variant; graphs that fell back say so.
+    provider cpu runs the same rows on ORT's CPU provider (the CPU test of this code)."""
     from cxr_ddpm.runtime.backends import load_denoiser
-    from cxr_ddpm.runtime.backends.ort_cuda import cupy_problem, sampler_arrays
-    if arrays == "cupy" and cupy_problem():
-        return None, None, cupy_problem()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        den = load_denoiser(path, provider="cuda", cuda_graph=graph)
-    if graph == "on" and not den.cuda_graph:
+    from cxr_ddpm.runtime.backends.onnx import OrtDenoiser
+    from cxr_ddpm.runtime.backends.ort_cuda import resolve_cuda_graph, sampler_arrays
+    from cxr_ddpm.runtime.errors import CxrError
+    try:
+        resolve_cuda_graph(graph, provider)         # refused before a session is opened
+        xp = sampler_arrays(arrays, provider)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            den = load_denoiser(path, provider=provider, cuda_graph=graph)
+    except CxrError as e:                           # no CuPy, graphs off CUDA, a provider that fell back
+        return None, None, str(e)
+    if graph == "on" and not (isinstance(den, OrtDenoiser) and den.cuda_graph):   # path is an ONNX model
         return None, None, f"CUDA graphs refused: {caught[-1].message if caught else '?'}"
-    return den, sampler_arrays(arrays, "cuda"), None
+    return den, xp, None
+
+
+Plan = Sequence[tuple[str, str, str]]          # (precision, graph on/off, arrays numpy/cupy)
 
 
 def step_rows(arts: dict[str, Path], model: str, size: int, batch: int, runs: int,
-              eager_ms: float | None) -> list[dict[str, Any]]:
+              eager_ms: float | None, *, provider: str = "cuda", plan: Plan = STEP_PLAN) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, size, size), dtype=np.float32)
     t = np.full((batch,), 10, np.int64)
     rows: list[dict[str, Any]] = []
-    for prec, graph, arrays in STEP_PLAN:
+    for prec, graph, arrays in plan:
         name = variant_name(prec, graph, arrays)
-        row: dict[str, Any] = {"model": model, "px": size, "batch": batch, "variant": name}
-        den, xp, why = open_variant(arts[prec], graph, arrays)
+        row: dict[str, Any] = {"model": model, "px": size, "batch": batch, "variant": name, "provider": provider}
+        den, xp, why = open_variant(arts[prec], graph, arrays, provider)
         if den is None:
             rows.append({**row, "skipped": why})
             continue
@@ -89,9 +99,10 @@ def step_rows(arts: dict[str, Path], model: str, size: int, batch: int, runs: in
             t0 = time.perf_counter()
             call()
             ms.append((time.perf_counter() - t0) * 1e3)
-        fell_back = graph == "on" and not den.cuda_graph
-        rows.append({**row, **stats(ms), "images_per_s": round(batch / (float(np.median(ms)) / 1e3), 1),
-                     **({"skipped": "CUDA graph capture failed: fell back"} if fell_back else {})})
+        if graph == "on" and not den.cuda_graph:    # timed plain runs: not under the graph name
+            rows.append({**row, "skipped": "CUDA graph capture failed: fell back to plain runs"})
+        else:
+            rows.append({**row, **stats(ms), "images_per_s": round(batch / (float(np.median(ms)) / 1e3), 1)})
         del den
     base = next((r["median_ms"] for r in rows if r["variant"] == BASELINE and "median_ms" in r), None)
     for r in rows:
@@ -102,31 +113,34 @@ def step_rows(arts: dict[str, Path], model: str, size: int, batch: int, runs: in
 
 
 def e2e_rows(arts: dict[str, Path], model: str, size: int, *, batch: int = 64, steps: int = 20,
-             repeats: int = 3) -> list[dict[str, Any]]:
-    from cxr_ddpm.runtime.sampling import iter_batches
+             repeats: int = 3, provider: str = "cuda", plan: Plan = E2E_PLAN) -> list[dict[str, Any]]:
+    from cxr_ddpm.runtime.sampling import iter_batches, resolve_request
     rows: list[dict[str, Any]] = []
-    for prec, graph, arrays in E2E_PLAN:
+    for prec, graph, arrays in plan:
         row: dict[str, Any] = {"model": model, "px": size, "batch": batch, "sampler": "dpmpp-2m",
-                               "steps": steps, "variant": variant_name(prec, graph, arrays)}
+                               "steps": steps, "variant": variant_name(prec, graph, arrays), "provider": provider}
         t0 = time.perf_counter()
-        den, xp, why = open_variant(arts[prec], graph, arrays)
+        den, xp, why = open_variant(arts[prec], graph, arrays, provider)
         if den is None:
             rows.append({**row, "skipped": why})
             continue
         session_s = time.perf_counter() - t0
 
-        def one(seed: int) -> float:
+        def one(seed: int, den: Any = den, xp: Any = xp) -> float:
+            req = resolve_request(den, batch, sampler="dpmpp-2m", steps=steps, seed=seed)
             t1 = time.perf_counter()
-            for _ in iter_batches(den, batch, batch_size=batch, sampler="dpmpp-2m", steps=steps,
-                                  seed=seed, xp=xp):
+            for _ in iter_batches(den, req, batch_size=batch, xp=xp):
                 pass                                # each batch comes back to the host as numpy
             return time.perf_counter() - t1
         first_s = one(0)
         totals = [one(r + 1) for r in range(repeats)]
         med = float(np.median(totals))
-        rows.append({**row, "s_per_image": round(med / batch, 5), "images_per_s": round(batch / med, 1),
-                     "session_s": round(session_s, 2), "first_batch_s": round(first_s, 2),
-                     "repeats": repeats, "cuda_graph_kept": den.cuda_graph})
+        if graph == "on" and not den.cuda_graph:    # capture failed mid-run: plain runs were timed
+            rows.append({**row, "skipped": "CUDA graph capture failed: fell back to plain runs"})
+        else:
+            rows.append({**row, "s_per_image": round(med / batch, 5), "images_per_s": round(batch / med, 1),
+                         "session_s": round(session_s, 2), "first_batch_s": round(first_s, 2),
+                         "repeats": repeats})
         del den
     base = next((r["s_per_image"] for r in rows if r["variant"] == BASELINE and "s_per_image" in r), None)
     for r in rows:

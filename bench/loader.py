@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from cxr_ddpm.train.data import CxrDataset, list_images
-from cxr_ddpm.train.prepared import make_dataset, open_data, prepare
+from cxr_ddpm.train.prepared import PreparedDataset, make_dataset, open_data, prepare
 
 from .common import ROOT, md_table, write_section
 
@@ -62,7 +62,7 @@ def _rate(loader_iter, batch: int, seconds: float) -> float:
             return n / dt
 
 
-def measure(datasets: dict[str, torch.utils.data.Dataset], workers: int, *, seconds: float, rounds: int,
+def measure(datasets: dict[str, CxrDataset | PreparedDataset], workers: int, *, seconds: float, rounds: int,
             batch: int = 32) -> dict[str, float]:
     """Median images/s per dataset over `rounds` alternating timed windows (workers already started)."""
     iters = {}

@@ -45,7 +45,16 @@ def write_readme_snippet(out: Path, rel: str = "bench/results") -> Path:
                    ("images_per_s", "images/s"), ("speedup_vs_torch", "vs PyTorch"), ("how", "how")])
             + f"\n![sampling]({rel}/sampling.png)\n\n")
     acc = _load(out, "accuracy")
-    if acc:
+    if acc and "summary" in acc:                 # trained models, with diffusers' default beside dpmpp-2m
+        parts.append("### Sampler accuracy vs cost (trained tiny models)\n\n"
+                     f"Reference: {acc['reference']}; RMSE in [0, 1] pixels ± the spread of per-image RMSEs, "
+                     f"{acc['images']} images. dpmpp-2m at least as accurate as diffusers' default everywhere: "
+                     f"{'yes' if acc['goal']['vs_diffusers_met'] else 'NO'}.\n\n"
+                     + md_table(acc["summary"], [("model", "model"), ("clip_x0", "clip x0"), ("steps", "steps"),
+                                                 ("ddim", "ddim"), ("grid", "2M grid"), ("dpmpp", "dpmpp-2m"),
+                                                 ("diffusers", "diffusers default")])
+                     + f"\n![accuracy]({rel}/accuracy.png)\n\n")
+    elif acc:
         g = acc.get("goal") or {}
         parts.append(f"### Sampler accuracy vs cost (tiny model)\n\nReference: {acc['reference']}. "
                      + (f"dpmpp-2m at 20 steps: RMSE {g['rmse']:.4f} (goal <= {g['threshold']}: "

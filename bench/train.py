@@ -64,7 +64,7 @@ def plain_torch_images_per_s(config: str, *, micro_batch: int, steps: int, threa
     DeepSpeed, no EMA, no loader, no logging. fit's rate divided by this is its per-step overhead."""
     import torch
 
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     from cxr_ddpm.train.model import build_diffusion
     cfg = load_config(config)
     torch.set_num_threads(threads)
@@ -107,7 +107,7 @@ def add_mfu(rows: list[dict], config: str) -> str:
     import torch
     if not torch.cuda.is_available():
         return "MFU: n/a (no CUDA device; CPU ranks)"
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
 
     from .common import fresh_artifacts
     from .denoiser import flops_per_image

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, OneLineGroup, cli_errors, require_extra
+from cxr_ddpm.runtime.fsutil import check_output_file
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def _config(path: str | None) -> dict:
     """load_checkpoint's config keywords for --config (lucidrains checkpoints)."""
     if path is None:
         return {}
-    from cxr_ddpm.runtime.config import load_checkpoint_config
+    from cxr_ddpm.train.config import load_checkpoint_config
     cfg, derive = load_checkpoint_config(path)
     return {"config": cfg, "derive_diffusion": derive}
 
@@ -66,8 +67,10 @@ def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, ops
     if res.report is not None:
         click.echo(res.report.table())
         click.echo(f"verified: {res.report.summary()}")
-    click.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB, {res.precision}, {res.exporter} exporter, "
-               f"opset {res.opset}, {res.seconds:.1f} s)")
+    source = res.meta["source"]
+    click.echo(f"wrote {res.path} from step {source['step']} ({source['weights']} weights of {source['path']}; "
+               f"{res.size_bytes / 1e6:.2f} MB, {res.precision}, {res.exporter} exporter, opset {res.opset}, "
+               f"{res.seconds:.1f} s)")
 
 
 @main.command("trt")
@@ -84,6 +87,8 @@ def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str |
     """Build a TensorRT engine (header with metadata + plan) from a cxr-export ONNX."""
     from .trt_build import build_engine, parse_batch
     bounds = parse_batch(batch) if batch is not None else None
+    if out is not None:                  # a folder fails only at the final rename, after the build
+        check_output_file(out, example="unet.engine")
     path = build_engine(onnx_path, out, precision=precision, batch=bounds, timing_cache=timing_cache,
                         workspace_gb=workspace)
     click.echo(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
@@ -99,6 +104,7 @@ def inception_cmd(weights: Path | None, out: Path) -> None:
     from cxr_ddpm.runtime.evaluate import PUBLISHED_WEIGHTS
 
     from .inception import export_inception
+    check_output_file(out, example="inception.onnx")
     meta = export_inception(weights, out)
     published = str(meta["weights_sha256"] or "").startswith(PUBLISHED_WEIGHTS)
     click.echo(f"wrote {out} (features vs pytorch-fid: {meta['verified_relative_error']:.1e} of the largest; "

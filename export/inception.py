@@ -96,9 +96,11 @@ def export_inception(weights: str | Path | None, out: str | Path, *, sizes: tupl
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=["images"],
                                     output_names=["features"], dynamic_shapes=({0: dims[0], 2: dims[1], 3: dims[2]},),
                                     verbose=False)
+    if program is None:                          # only the legacy exporter (dynamo=False) returns None
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
     import onnx
     proto = program.model_proto
-    meta = {"kind": "inception-features", "dims": 2048, "input": "images (B, 3, H, W) float32 in [0, 1]",
+    meta: dict[str, Any] = {"kind": "inception-features", "dims": 2048, "input": "images (B, 3, H, W) float32 in [0, 1]",
             "preprocessing": "bilinear resize to 299 px (align_corners=False), 2x - 1, as pytorch-fid",
             "weights_file": weights.name if weights else "pytorch-fid download",
             "weights_sha256": file_sha256(weights) if weights else None,
@@ -113,8 +115,8 @@ def export_inception(weights: str | Path | None, out: str | Path, *, sizes: tupl
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
         onnx.save(proto, str(tmp))
-        import onnxruntime as ort
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        from cxr_ddpm.runtime.backends.onnx import open_session
+        sess = open_session(tmp, provider="cpu", source=str(out))
         worst = 0.0
         for size in sizes:
             x = rng.random((2, 3, size, size), dtype=np.float32)

@@ -24,9 +24,9 @@ from typing import Any
 import onnx
 import torch
 
-from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.train.config import Config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir
+from cxr_ddpm.runtime.fsutil import atomic_path, check_output_file, exclusive_lock, remove_dead_temps
 from cxr_ddpm.runtime.interface import io_spec, random_inputs
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
@@ -61,6 +61,16 @@ def check_opset(opset: int) -> int:
     return opset
 
 
+def newer_resume_state(ckpt: Path, step: int) -> Path | None:
+    """For a run folder: its newest complete exact-resume checkpoint if that is newer than `step`
+    (the newest consolidated one), i.e. a run killed between COMPLETE and the consolidated file."""
+    if not ckpt.is_dir():
+        return None
+    from cxr_ddpm.train.resume import DS_DIR, complete_checkpoints
+    done = complete_checkpoints(ckpt / DS_DIR)
+    return done[-1][1] if done and done[-1][0] > step else None
+
+
 def default_onnx_path(ckpt: Checkpoint, precision: str) -> Path:
     stem = ckpt.path.stem if ckpt.path.suffix else ckpt.path.name
     return ckpt.path.with_name(f"{stem}.{precision}.onnx")
@@ -82,13 +92,17 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
     lo, opt, hi = batch
     if not 1 <= lo <= opt <= hi:
         raise CxrError(f"--batch {lo}:{opt}:{hi}: need 1 <= MIN <= OPT <= MAX")
-    if out is not None:                      # fail on an unwritable target before minutes of work
-        ensure_writable_dir(Path(out).parent or Path("."))
+    if out is not None:                      # fail on a folder or an unwritable target before minutes of work
+        check_output_file(out, example="unet.onnx")
 
     ck = load_checkpoint(ckpt, config, derive_diffusion=derive_diffusion)
+    log(f"checkpoint: {ck.path} (step {ck.step})")
+    newer = newer_resume_state(Path(ckpt), ck.step)
+    if newer:
+        log(f"warning: {newer} is newer than step {ck.step} but has no consolidated checkpoint (its run "
+            "was killed while saving); `cxr-train fit --resume auto` on the run writes it")
     cfg = ck.cfg
-    out = Path(out) if out is not None else default_onnx_path(ck, precision)
-    ensure_writable_dir(out.parent or Path("."))
+    out = check_output_file(out if out is not None else default_onnx_path(ck, precision), example="unet.onnx")
     unet = ck.build_unet(ema=ema)
     wrapper = Denoiser(unet, cfg.model).eval()
     spec = io_spec(cfg.model)
@@ -105,14 +119,18 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
     model = finalize_model(model, doc, precision)
 
     report = None
-    with atomic_path(out) as tmp:
-        onnx.save(model, str(tmp))
-        if verify:
-            tol = atol if atol is not None else default_tolerance(precision)
-            report = check_parity(tmp, wrapper, cfg, precision=precision, batches=verify_batches,
-                                  tol=tol, source=str(out))
-            if not report.ok:
-                raise CxrError(f"{out}: verification failed: {report.summary()}; nothing written")
+    # Every export of `out` takes this lock, so temp files of `out` found under it are dead
+    # (an export killed mid-write); the lock file goes with the lock.
+    with exclusive_lock(out.parent, "cxr-export onnx", name=f".{out.name}.lock"):
+        remove_dead_temps(out)
+        with atomic_path(out) as tmp:
+            onnx.save(model, str(tmp))
+            if verify:
+                tol = atol if atol is not None else default_tolerance(precision)
+                report = check_parity(tmp, wrapper, cfg, precision=precision, batches=verify_batches,
+                                      tol=tol, source=str(out))
+                if not report.ok:
+                    raise CxrError(f"{out}: verification failed: {report.summary()}; nothing written")
     return ExportResult(out, used, opset, precision, out.stat().st_size, time.perf_counter() - start,
                         doc, report)
 
@@ -149,12 +167,15 @@ def _export_dynamo(wrapper: torch.nn.Module, example: tuple, names: list[str], o
     program = torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset, input_names=names,
                                 output_names=["out"], dynamic_shapes=tuple({0: B} for _ in names),
                                 verbose=False, optimize=True)
+    if program is None:                          # only the legacy exporter (dynamo=False) returns None
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
     return program.model_proto
 
 
 def _export_legacy(wrapper: torch.nn.Module, example: tuple, names: list[str], opset: int) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(wrapper, example, buf, dynamo=False, opset_version=opset, input_names=names,
+    # torch annotates f as a path only; its legacy (TorchScript) exporter writes to a file object too
+    torch.onnx.export(wrapper, example, buf, dynamo=False, opset_version=opset, input_names=names,  # type: ignore[arg-type]
                       output_names=["out"], dynamic_axes={n: {0: "B"} for n in [*names, "out"]},
                       do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())

@@ -50,6 +50,11 @@ class BuildPlan:
     strongly_typed: bool            # pass NetworkDefinitionCreationFlag.STRONGLY_TYPED (TRT 10; 11 always is)
     clear_flags: tuple[str, ...]    # names in trt.BuilderFlag to clear
 
+    @property
+    def tf32(self) -> bool:
+        """Whether the engine may run fp32 math in TF32 (recorded in its metadata)."""
+        return "TF32" not in self.clear_flags
+
 
 def plan_build(trt_version: str, precision: str | None, onnx_precision: str) -> BuildPlan:
     """How to build an engine from an ONNX of `onnx_precision`; `precision` None means "the ONNX's".
@@ -119,7 +124,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
         raise CxrError(f"--workspace {workspace_gb}: must be > 0 GB")
     if batch is None:
         rec = meta.get("batch") or {}
-        batch = tuple(int(rec.get(k, 1)) for k in ("min", "opt", "max"))  # type: ignore[assignment]
+        batch = (int(rec.get("min", 1)), int(rec.get("opt", 1)), int(rec.get("max", 1)))
     cuda_call(import_cudart().cudaSetDevice(device))   # the builder uses the current device
     gpu, cc = gpu_info(device)
 
@@ -157,7 +162,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
         raise CxrError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
     doc = engine_metadata(meta, trt_version=trt.__version__, gpu=gpu, compute_capability=cc,
                           onnx_sha256=file_sha256(onnx_path), precision=precision, batch=batch,
-                          tf32="TF32" not in plan_spec.clear_flags)
+                          tf32=plan_spec.tf32)
     write_engine(out, doc, bytes(serialized))
     if timing_cache:
         with atomic_write(timing_cache, "wb") as f:

@@ -19,7 +19,9 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from cxr_ddpm.runtime.config import Config
+from cxr_ddpm.train.config import Config
+from cxr_ddpm.runtime.artifact import Artifact
+from cxr_ddpm.runtime.denoiser import Denoiser
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.interface import io_spec, random_inputs
 
@@ -84,30 +86,25 @@ def torch_runner(wrapper: Any, io: dict[str, Any]) -> Runner:
     return run
 
 
+def adapter_runner(den: Denoiser) -> Runner:
+    """Named inputs through the denoiser that samples (its feeds, dtype casts and fp32 output):
+    parity is checked on the call convention users get, not on a bare session."""
+    return lambda feeds: np.asarray(den(feeds["x"], feeds["t"], feeds.get("x_self_cond"), feeds.get("class")))
+
+
+def ort_denoiser(path: str | Path | Artifact, provider: str = "cpu") -> Denoiser:
+    """The ONNX backend on `path` (the adapter sampling uses; its session from
+    backends.onnx.open_session). TF32 always off: the fp32 tolerance (1e-4) is for fp32 math, and
+    ORT's CUDA provider would otherwise run fp32 MatMul/Conv in TF32 (its default); no CUDA
+    graphs (the cases change shapes)."""
+    from cxr_ddpm.runtime.backends.onnx import OrtDenoiser
+    if provider not in ("cpu", "cuda"):
+        raise CxrError(f"--provider {provider}: verify runs ONNX models on cpu or cuda")
+    return OrtDenoiser(path, provider=provider, tf32=False, cuda_graph="off")
+
+
 def ort_runner(path: str | Path, provider: str = "cpu") -> Runner:
-    import onnxruntime as ort
-
-    from cxr_ddpm.runtime.backends.onnx import check_session_provider, preload_gpu_libraries
-    providers = {"cpu": ["CPUExecutionProvider"],
-                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
-    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise CxrError("--provider cuda: this onnxruntime has no CUDA provider (pip install 'cxr-ddpm[gpu]')")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if provider != "cpu":
-        preload_gpu_libraries()
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as e:
-        raise CxrError(f"{path}: onnxruntime cannot load it ({' '.join(str(e).split())[:160]})") from None
-    check_session_provider(sess, provider, str(path))   # no silent CPU fallback
-    return lambda feeds: sess.run(["out"], feeds)[0]
-
-
-def engine_runner(path: str | Path, onnx_sha256: str | None = None) -> tuple[Runner, Any]:
-    from cxr_ddpm.runtime.backends.tensorrt import TrtEngine
-    eng = TrtEngine(path, onnx_sha256=onnx_sha256)
-    return (lambda feeds: eng.infer(feeds)["out"]), eng
+    return adapter_runner(ort_denoiser(path, provider))
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -148,38 +145,39 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
                     provider: str = "cpu", batches: tuple[int, ...] = (1, 3), tol: float | None = None,
                     onnx_sha256: str | None = None, derive_diffusion: bool = False) -> VerifyReport:
     """Re-run the parity check on an ONNX file or engine against the checkpoint it came from."""
-    from cxr_ddpm.runtime.engine_file import is_engine_file, read_engine_header
-    from cxr_ddpm.runtime.metadata import read_onnx_metadata
+    from cxr_ddpm.runtime.artifact import open_artifact
     from cxr_ddpm.train.checkpoint import load_checkpoint
-    from cxr_ddpm.train.model import Denoiser
+    from cxr_ddpm.train.model import Denoiser as DenoiserNet
 
     artifact = Path(artifact)
     if not artifact.exists():
         raise CxrError(f"{artifact}: artifact not found")
-    engine = is_engine_file(artifact)
-    meta = read_engine_header(artifact)[0] if engine else read_onnx_metadata(artifact)
+    art = open_artifact(artifact)
+    if art.kind == "checkpoint":
+        raise CxrError(f"{artifact}: is a checkpoint; verify checks an ONNX model or TensorRT engine against one")
+    engine, meta = art.kind == "tensorrt", art.meta
     ck = load_checkpoint(ckpt, config, derive_diffusion=derive_diffusion)
     src = meta.get("source") or {}
     if src.get("checkpoint_sha256") and ck.sha256 and src["checkpoint_sha256"] != ck.sha256:
         raise CxrError(f"{artifact}: exported from another checkpoint (step {src.get('step')}, sha256 "
                        f"{src['checkpoint_sha256'][:12]}...) than {ck.path} (step {ck.step}, "
                        f"sha256 {ck.sha256[:12]}...)")
-    if ck.cfg.to_dict()["model"] != meta["config"]["model"]:
+    if ck.cfg.model != art.spec.model:
         raise CxrError(f"{artifact}: its model config differs from the checkpoint's ({ck.path})")
-    wrapper = Denoiser(ck.build_unet(ema=src.get("weights", "ema") == "ema"), ck.cfg.model)
-    io = meta["io"]
+    wrapper = DenoiserNet(ck.build_unet(ema=src.get("weights", "ema") == "ema"), ck.cfg.model)
+    io = art.io.to_dict()
+    den: Denoiser
     if engine:
+        from cxr_ddpm.runtime.backends.trt_adapter import TrtDenoiser
         trt = meta["tensorrt"]
         batches = tuple(b for b in batches if trt["profile"]["min"] <= b <= trt["profile"]["max"]) \
             or (trt["profile"]["opt"],)
-        run, eng = engine_runner(artifact, onnx_sha256)
+        den = TrtDenoiser(art, cuda_graph="off", onnx_sha256=onnx_sha256)
         precision, backend = trt["precision"], "tensorrt"
     else:
-        run, eng = ort_runner(artifact, provider), None
-        precision, backend = meta.get("precision", "fp32"), f"onnxruntime-{provider}"
-    try:
-        return run_parity(run, torch_runner(wrapper, io), ck.cfg, io, precision=precision, batches=batches,
-                          tol=tol if tol is not None else default_tolerance(precision), backend=backend)
-    finally:
-        if eng is not None:
-            eng.close()
+        den = ort_denoiser(art, provider)
+        precision, backend = art.precision or "fp32", f"onnxruntime-{provider}"
+    with den:
+        return run_parity(adapter_runner(den), torch_runner(wrapper, io), ck.cfg, io, precision=precision,
+                          batches=batches, tol=tol if tol is not None else default_tolerance(precision),
+                          backend=backend)

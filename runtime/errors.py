@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
@@ -30,6 +30,7 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CxrError as e:
+            _close_progress_bars()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
@@ -39,13 +40,23 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _close_progress_bars() -> None:
+    """An error raised mid-loop (a full disk during a save) finds a tqdm bar still drawn, the
+    cursor at its end: close it first (its final state and a newline), so the error line stands
+    alone and last."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)   # only if loaded: never imported here
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class OneLineGroup(click.Group):
     """A click group whose usage errors (bad flag value, unknown option) are one line too:
     `error: Invalid value for '--seed': '1.5' is not a valid integer.`, exit 2, like CxrError."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:  # click's own signature (so its overloads type-check); always non-standalone: we exit below
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.exceptions.Abort:

@@ -9,20 +9,26 @@
    pytorch-fid does; then FID, KID (mean, std over subsets) and precision/recall.
 3. Always: the memorization audit (runtime/memorization.py), per-class counts and the
    pixel-intensity histogram distance.
-Writes eval.json, eval.md, closest_pairs.png and histograms.png (atomically) under `out`.
+4. With `heldout` (real images of patients not trained on, read exactly as the training images):
+   the three-sample data-copying test (runtime/copying.py), which sees copying that the audit's
+   near-exact threshold does not.
+Writes eval.json, eval.md, closest_pairs.png, histograms.png and, with `heldout`, distances.png
+(each atomically) under `out`, created only then: a run that fails leaves no folder behind.
+Report folders (`out`, and any folder holding an eval.json) are never read as input.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from .copying import NOT_RUN, CopyingTest, data_copying, distance_plot
 from .datasets import list_images
 from .errors import CxrError
-from .fsutil import atomic_write, ensure_writable_dir
+from .fsutil import atomic_write, check_output_dir, ensure_writable_dir
 from .imageio import UnreadableImage, load_gray, load_resized, resize_center_crop
 from .memorization import NEAR_DUPLICATE_NCC, PERCENTILE, SIZE, audit, feature_audit
 from .metrics import frechet_distance, gaussian_stats, histogram_distance, kid, precision_recall
@@ -31,33 +37,40 @@ from .outputs import grid_png, png_bytes
 PUBLISHED_WEIGHTS = "6726825d"        # sha256 prefix of pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 
 
-def read_synthetic(folder: Path, size: int | None) -> tuple[np.ndarray, list[str | None], int]:
-    """A `cxr-runtime sample` folder (its samples.json) or any folder of images: (N, S, S) in
-    [0, 1], class of each (None when unknown), S."""
+def read_synthetic(folder: Path, size: int | None,
+                   skip: Sequence[Path] = ()) -> tuple[np.ndarray, list[str | None], int]:
+    """A `cxr-runtime sample` folder (its samples.json) or any folder of images (but `skip`):
+    (N, S, S) in [0, 1], class of each (None when unknown), S."""
     record = folder / "samples.json"
     if record.is_file():
-        rec = json.loads(record.read_text())
-        entries = [(folder / e["file"], e.get("class")) for e in rec.get("images", [])] or \
-                  [(folder / f, None) for f in rec.get("files", [])]
-        size = size or int(rec["image_size"])
+        try:
+            rec = json.loads(record.read_text())
+            entries = [(folder / e["file"], e.get("class")) for e in rec.get("images", [])] or \
+                      [(folder / f, None) for f in rec.get("files", [])]
+            size = size or int(rec["image_size"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:   # JSONDecodeError is a ValueError
+            raise CxrError(f"{record}: not a readable sample record ({type(e).__name__}: {e}); rerun "
+                           "`cxr-runtime sample` or `cxr-runtime manifest` to rewrite it") from None
+        except OSError as e:
+            raise CxrError(f"{record}: cannot read: {e.strerror}") from None
     else:
-        found = list_images(folder)
+        found = list_images(folder, skip)
         entries = [(f, found.class_names[k] if len(found.class_names) > 1 else None)
-                   for f, k in zip(found.files, found.labels)]
+                   for f, k in zip(found.files, found.labels) if not _inside(f, skip)]
     if not entries:
         raise CxrError(f"{folder}: no synthetic images listed")
     images = []
     for path, _ in tqdm(entries, desc="reading synthetic", unit="img", leave=False):
         try:
-            img = _read_sample(path)
+            img = read_sample(path)
         except (OSError, UnreadableImage, ValueError) as e:
             raise CxrError(f"{path}: cannot read synthetic image ({e})") from None
         size = size or img.shape[0]
         images.append(img if img.shape == (size, size) else resize_center_crop(img, size))
-    return np.stack(images), [c for _, c in entries], int(size)
+    return np.stack(images), [c for _, c in entries], images[0].shape[0]    # each is (size, size) now
 
 
-def _read_sample(path: Path) -> np.ndarray:
+def read_sample(path: Path) -> np.ndarray:
     """As written by runtime/outputs.py: 8/16-bit PNG, DICOM (16-bit), npy (float [0, 1])."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -73,10 +86,13 @@ def _read_sample(path: Path) -> np.ndarray:
     return (arr.astype(np.float32) / top) if arr.ndim == 2 else load_gray(path)
 
 
-def read_real(folder: Path, size: int) -> tuple[np.ndarray, list[str], list[Path]]:
-    found = list_images(folder)
+def read_real(folder: Path, size: int, skip: Sequence[Path] = ()) -> tuple[np.ndarray, list[str], list[Path]]:
+    """Real radiographs decoded and resized exactly as training sees them (unreadable ones skipped, as
+    training skips them)."""
+    found = list_images(folder, skip)
     images, classes, files = [], [], []
-    for f, k in tqdm(list(zip(found.files, found.labels)), desc="reading real", unit="img", leave=False):
+    listed = [(f, k) for f, k in zip(found.files, found.labels) if not _inside(f, skip)]
+    for f, k in tqdm(listed, desc="reading real", unit="img", leave=False):
         try:
             images.append(load_resized(f, size))
         except (OSError, UnreadableImage):
@@ -92,15 +108,8 @@ class FeatureExtractor:
     """The ONNX Inception of `cxr-export inception`: (B, 3, H, W) in [0, 1] -> (B, 2048)."""
 
     def __init__(self, path: Path, provider: str = "cpu") -> None:
-        import onnxruntime as ort
-
-        from .backends.onnx import PROVIDERS, check_session_provider, session_options
-        try:
-            providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-            self.session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
-        except Exception as e:
-            raise CxrError(f"{path}: not a loadable ONNX model ({' '.join(str(e).split())[:160]})") from None
-        check_session_provider(self.session, provider, str(path))
+        from .backends.onnx import open_session
+        self.session = open_session(path, provider=provider)     # fp32 features: TF32 off
         text = self.session.get_modelmeta().custom_metadata_map.get("cxr_ddpm_features")
         try:
             self.meta = json.loads(text or "")
@@ -120,15 +129,25 @@ class FeatureExtractor:
 
 def evaluate(real_dir: str | Path, synth_dir: str | Path, *, out: str | Path | None = None,
              features: str | Path | None = None, size: int | None = None, provider: str = "cpu",
-             kid_subsets: int = 100) -> dict[str, Any]:
+             kid_subsets: int = 100, heldout: str | Path | None = None) -> dict[str, Any]:
     real_dir, synth_dir = Path(real_dir), Path(synth_dir)
-    for folder, what in ((real_dir, "REAL_DIR"), (synth_dir, "SYNTH_DIR")):
-        if not folder.is_dir():
+    held_dir = Path(heldout) if heldout is not None else None
+    for folder, what in ((real_dir, "REAL_DIR"), (synth_dir, "SYNTH_DIR"), (held_dir, "--heldout")):
+        if folder is not None and not folder.is_dir():
             raise CxrError(f"{folder}: {what} not found (expected a folder)")
+    if held_dir is not None and held_dir.resolve() == real_dir.resolve():
+        raise CxrError(f"--heldout {held_dir}: is REAL_DIR; give real images of patients not trained on")
     extractor = FeatureExtractor(Path(features), provider) if features else None
-    out = ensure_writable_dir(Path(out) if out else synth_dir / "eval", "eval folder")
-    synth, synth_classes, size = read_synthetic(synth_dir, size)
-    real, real_classes, real_files = read_real(real_dir, size)
+    out = check_output_dir(Path(out) if out else synth_dir / "eval", "eval folder")
+    synth, synth_classes, size = read_synthetic(synth_dir, size, _report_dirs(synth_dir, out))
+    real, real_classes, real_files = read_real(real_dir, size, _report_dirs(real_dir, out))
+    held = None
+    if held_dir is not None:             # decoded and resized exactly as the training images
+        held, _, held_files = read_real(held_dir, size, _report_dirs(held_dir, out))
+        both = {f.resolve() for f in held_files} & {f.resolve() for f in real_files}
+        if both:
+            raise CxrError(f"--heldout {held_dir}: {len(both)} of its images are also in REAL_DIR "
+                           f"(e.g. {sorted(both)[0]}); held-out images must be of patients not trained on")
     report: dict[str, Any] = {
         "real": str(real_dir), "synthetic": str(synth_dir), "image_size": size,
         "counts": {"real": _counts(real_classes), "synthetic": _counts(synth_classes)},
@@ -156,11 +175,27 @@ def evaluate(real_dir: str | Path, synth_dir: str | Path, *, out: str | Path | N
                               "frechet_distance": frechet_distance(mu_r, s_r, mu_s, s_s),
                               "kid_mean": k_mean, "kid_std": k_std, **precision_recall(fr, fs)}
         report["memorization"]["feature_space"] = feature_audit(fr, extractor(real[:, :, ::-1]), fs)
-    _write(out, report, real, synth, a)
+    test = None
+    if held is not None:
+        test = data_copying(real, synth, held, audit=a)
+        report["data_copying"] = {"heldout_dir": str(held_dir), **test.to_json(),
+                                  "heldout_flagged_by_audit": int((test.heldout_distance < a.threshold).sum())}
+    else:
+        report["data_copying"] = {"verdict": "not run", "sentence": NOT_RUN}
+    _write(ensure_writable_dir(out, "eval folder"), report, real, synth, a, test)
     return report
 
 
-def _counts(classes: list[str | None]) -> dict[str, int]:
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    return any(path.resolve().is_relative_to(d.resolve()) for d in folders)
+
+
+def _report_dirs(folder: Path, out: Path) -> list[Path]:
+    """Folders under `folder` that are reports, never input: `out` and any holding an eval.json."""
+    return [out, *(d for d in folder.iterdir() if d.is_dir() and (d / "eval.json").is_file())]
+
+
+def _counts(classes: Sequence[str | None]) -> dict[str, int]:
     out: dict[str, int] = {}
     for c in classes:
         out[c or "(unlabelled)"] = out.get(c or "(unlabelled)", 0) + 1
@@ -178,7 +213,8 @@ def first_line(report: dict[str, Any]) -> str:
     return f"FID {f['frechet_distance']:.2f} (pytorch-fid's Inception weights)."
 
 
-def _write(out: Path, report: dict[str, Any], real: np.ndarray, synth: np.ndarray, a: Any) -> None:
+def _write(out: Path, report: dict[str, Any], real: np.ndarray, synth: np.ndarray, a: Any,
+           test: CopyingTest | None) -> None:
     m, f = report["memorization"], report.get("features")
     lines = [first_line(report), "", f"# Synthetic set evaluation: {report['synthetic']} vs {report['real']}", "",
              f"Images at {report['image_size']} px. {report['preprocessing']}.", "", "## Counts", "",
@@ -205,7 +241,9 @@ def _write(out: Path, report: dict[str, Any], real: np.ndarray, synth: np.ndarra
               "(near-duplicates in the training set lower the threshold)",
               "", "Reading it: a share near 0 means no synthetic image is closer to a training patient than "
               "real distinct patients are to each other; any flagged image should be looked at and removed "
-              "before the set is shared."]
+              "before the set is shared. The threshold catches near-exact copies only: a set can sit closer "
+              "to the training patients as a whole without one image below it (the data-copying test).",
+              "", "## Data-copying test (Meehan, Chaudhuri & Dasgupta, AISTATS 2020)", "", *_copying_lines(report)]
     with atomic_write(out / "eval.json", "w") as fh:
         json.dump(report, fh, indent=1)
     with atomic_write(out / "eval.md", "w") as fh:
@@ -218,6 +256,30 @@ def _write(out: Path, report: dict[str, Any], real: np.ndarray, synth: np.ndarra
     grid_png(out / "closest_pairs.png", pairs, cols=2)
     with atomic_write(out / "histograms.png", "wb") as fh:
         fh.write(png_bytes(_histogram_image(real, synth)))
+    if test is not None:
+        with atomic_write(out / "distances.png", "wb") as fh:
+            fh.write(png_bytes(distance_plot(test)))
+
+
+def _copying_lines(report: dict[str, Any]) -> list[str]:
+    c = report["data_copying"]
+    if c["verdict"] == "not run":
+        return [f"- Not run: {c['sentence']}."]
+    md = c["median_distance"]
+    lines = [f"- {c['sentence'][0].upper()}{c['sentence'][1:]}.",
+             f"- median distance to the nearest training image: synthetic {md['synthetic']:.4f}, held-out "
+             f"{md['heldout']:.4f} (distance: {c['distance']}; both histograms in distances.png)",
+             f"- rule: {c['rule']}; Z is the Mann-Whitney U of the synthetic against the held-out distances, "
+             "Z-scored (Z < 0: synthetic closer)",
+             f"- held-out images ({c['heldout_dir']}) that the audit's threshold would flag: "
+             f"{c['heldout_flagged_by_audit']} of {c['heldout']}"]
+    if len(c["cells"]) > 1:
+        lines += [f"- cells: {c['cell_rule']}", "", "| cell | training | held-out | synthetic | Z | counted |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {j} | {x['training']} | {x['heldout']} | {x['synthetic']} | "
+                  f"{'-' if x['z'] is None else format(x['z'], '+.2f')} | {'yes' if x['used'] else 'no'} |"
+                  for j, x in enumerate(c["cells"])]
+    return lines
 
 
 def _histogram_image(real: np.ndarray, synth: np.ndarray, w: int = 256, h: int = 128) -> np.ndarray:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from .artifact import Artifact
 from .errors import CxrError
 from .samplers import array_namespace
+from .shards import check_count
 
 
 def class_ids(names: Sequence[str], class_names: Sequence[str], source: str) -> list[int]:
@@ -40,15 +42,17 @@ def class_ids(names: Sequence[str], class_names: Sequence[str], source: str) -> 
     return ids
 
 
-def resolve_labels(meta: dict[str, Any], names: Sequence[str], n: int, per_class: int | None,
+def resolve_labels(artifact: Artifact, names: Sequence[str], n: int, per_class: int | None,
                    source: str) -> tuple[list[int] | None, int]:
     """(label of each image, image count) from --class NAME... / -n / --per-class.
 
     --per-class N: N images of each named class (of every class when none is named).
     Otherwise -n images, cycling through the named classes. No classes: unconditional.
     """
-    class_names = list(meta.get("class_names") or [])
-    conditional = meta.get("null_class") is not None
+    class_names = list(artifact.class_names)
+    conditional = artifact.null_class is not None
+    if per_class is not None:
+        check_count(per_class, "--per-class")            # first: an absurd count is the first thing wrong
     if (names or per_class) and not conditional:
         raise CxrError(f"--class/--per-class: {source} is an unconditional model "
                        f"(export a model trained with model.num_classes > 0)")
@@ -58,6 +62,8 @@ def resolve_labels(meta: dict[str, Any], names: Sequence[str], n: int, per_class
     if per_class is not None:
         ids = ids or list(range(len(class_names)))
         return [k for k in ids for _ in range(per_class)], per_class * len(ids)
+    if ids:
+        check_count(n)                               # before the label list is built
     return ([ids[i % len(ids)] for i in range(n)] if ids else None), n
 
 

@@ -38,6 +38,7 @@ class Audit:
     threshold: float               # PERCENTILE-th percentile of training nearest-other distances
     train_nn: np.ndarray           # (T,) each training image's distance to its nearest other one
     duplicates: list[tuple[int, int, float]]   # training pairs with NCC >= NEAR_DUPLICATE_NCC
+    keys: np.ndarray               # (2T, D) training_keys(train): reused by the data-copying test
 
     @property
     def copies(self) -> np.ndarray:
@@ -49,7 +50,7 @@ class Audit:
 
 
 def _best(queries: np.ndarray, keys: np.ndarray, chunk: int,
-          progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+          progress: Callable[[int], object] | None) -> tuple[np.ndarray, np.ndarray]:
     """For each query row: (index of the key with the highest dot product, that product)."""
     idx = np.empty(len(queries), np.int64)
     val = np.empty(len(queries), np.float32)
@@ -62,13 +63,24 @@ def _best(queries: np.ndarray, keys: np.ndarray, chunk: int,
     return idx, val
 
 
+def training_keys(train: np.ndarray) -> np.ndarray:
+    """(2T, D): the standardised training images, then their mirrors (a flip is still a copy)."""
+    return np.concatenate([standardise(train), standardise(train[:, :, ::-1])])
+
+
+def nearest(rows: np.ndarray, keys: np.ndarray, *, chunk: int = 512,
+            progress: Callable[[int], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each standardised row's nearest key: (its index in keys, the distance 1 - NCC)."""
+    best, val = _best(rows, keys, chunk, progress)
+    return best, 1.0 - val
+
+
 def audit(train: np.ndarray, synth: np.ndarray, *, chunk: int = 512,
-          progress: Callable[[int], None] | None = None) -> Audit:
+          progress: Callable[[int], object] | None = None) -> Audit:     # result ignored (tqdm's update)
     """train, synth: (N, H, W) images in [0, 1] (any H, W: they are brought to SIZE)."""
-    t, s = standardise(train), standardise(synth)
-    t_flip = standardise(train[:, :, ::-1])
-    keys = np.concatenate([t, t_flip])                               # (2T, D): originals, then mirrors
-    n = len(t)
+    keys = training_keys(train)                                      # (2T, D): originals, then mirrors
+    n = len(train)
+    t = keys[:n]
     # training vs training: exclude each image and its own mirror
     sims = t @ keys.T
     sims[np.arange(n), np.arange(n)] = -np.inf
@@ -76,10 +88,10 @@ def audit(train: np.ndarray, synth: np.ndarray, *, chunk: int = 512,
     train_nn = 1.0 - sims.max(axis=1)
     both = np.maximum(sims[:, :n], sims[:, n:])
     dup = [(int(i), int(j), float(both[i, j])) for i, j in zip(*np.nonzero(np.triu(both, 1) >= NEAR_DUPLICATE_NCC))]
-    best, val = _best(s, keys, chunk, progress)
-    return Audit(nearest=best % n, mirrored=best >= n, distance=1.0 - val,
+    best, dist = nearest(standardise(synth), keys, chunk=chunk, progress=progress)
+    return Audit(nearest=best % n, mirrored=best >= n, distance=dist,
                  threshold=float(np.percentile(train_nn, PERCENTILE)), train_nn=train_nn,
-                 duplicates=sorted(dup, key=lambda d: -d[2]))
+                 duplicates=sorted(dup, key=lambda d: -d[2]), keys=keys)
 
 
 def feature_audit(train: np.ndarray, train_mirrored: np.ndarray, synth: np.ndarray) -> dict:

@@ -6,11 +6,12 @@ half-written image. Samples arrive in the model's [-1, 1] space, (C, H, W) per i
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -57,11 +58,17 @@ class DicomSeries:
         return generate_uid(entropy_srcs=[self.request_sha256, *parts])
 
 
+class Written(NamedTuple):
+    sha256: str                    # of the bytes written, as file_sha256 would read them back
+    size: int
+
+
 def write_image(path: Path, x: np.ndarray, fmt: str, *, meta: dict[str, Any] | None = None,
                 index: int = 0, seed: int | None = None, series: DicomSeries | None = None,
-                instance: int = 1) -> Path:
-    """Write one sample (C, H, W in [-1, 1]) as `fmt`; returns the path written.
-    DICOM needs `series` and the image's 1-based `instance` number within it."""
+                instance: int = 1) -> Written:
+    """Write one sample (C, H, W in [-1, 1]) as `fmt`; returns the sha256 and size of the bytes
+    written (for the record: no read-back). DICOM needs `series` and the image's 1-based
+    `instance` number within it."""
     if fmt == "png":
         data = png_bytes(quantize(x, 8))
     elif fmt == "png16":
@@ -78,7 +85,7 @@ def write_image(path: Path, x: np.ndarray, fmt: str, *, meta: dict[str, Any] | N
         raise ValueError(f"unknown format {fmt!r}")
     with atomic_write(path) as f:
         f.write(data)
-    return path
+    return Written(hashlib.sha256(data).hexdigest(), len(data))
 
 
 def dicom_bytes(gray: np.ndarray, meta: dict[str, Any], *, index: int, seed: int | None,
@@ -87,12 +94,12 @@ def dicom_bytes(gray: np.ndarray, meta: dict[str, Any], *, index: int, seed: int
     series description, and no patient identity from anywhere."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import UID, ExplicitVRLittleEndian
 
     when = series.when
     fm = FileMetaDataset()
-    fm.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    fm.MediaStorageSOPInstanceUID = series.uid("image", str(index))
+    fm.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)            # file meta attributes are typed UID
+    fm.MediaStorageSOPInstanceUID = UID(series.uid("image", str(index)))
     fm.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = fm
@@ -132,7 +139,7 @@ def dicom_bytes(gray: np.ndarray, meta: dict[str, Any], *, index: int, seed: int
     return buf.getvalue()
 
 
-def grid_png(path: Path, images: list[np.ndarray | None], *, cols: int | None = None,
+def grid_png(path: Path, images: Sequence[np.ndarray | None], *, cols: int | None = None,
              pad: int = 2) -> Path:
     """Grid of 8-bit images ((C, H, W) in [-1, 1]) with black gutters, row-major; None
     leaves a cell black. `cols` defaults to a square-ish layout."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import CxrError
 from .schedule import Schedule, eps_from_x0, x0_from_eps, x0_from_v
-from .timesteps import check_steps, ddim_pairs, ddpm_pairs, ode_pairs
+from .timesteps import check_steps, ddim_pairs, ddpm_pairs, default_time_grid, ode_pairs
 
 Array = Any                                   # numpy.ndarray or cupy.ndarray
 Denoise = Callable[..., Array]                # (x, t[, x_self_cond]) -> raw model output
@@ -132,7 +132,7 @@ def sample_ddim(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int,
             sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
             c = math.sqrt(max(1 - a_next - sigma ** 2, 0.0))
             x = math.sqrt(a_next) * x0 + c * eps
-            if sigma > 0:
+            if sigma > 0 and noise is not None:              # sigma > 0 needs eta > 0: noise checked above
                 x = x + sigma * noise(k)
                 k += 1
         _report(callback, i, len(pairs), t, t_prev, x, x0)
@@ -142,17 +142,18 @@ def sample_ddim(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int,
 def sample_dpmpp_2m(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int,
                     eta: float | None = None, noise: NoiseFn | None = None,
                     callback: Callback | None = None, clip_x0: bool = True,
-                    self_condition: bool = False) -> Array:
+                    self_condition: bool = False, time_grid: str | None = None) -> Array:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2) in VP form.
 
     With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t),
     h = lambda_next - lambda_t and D the (multistep-corrected) x0 estimate:
         x_next = (sigma_next / sigma_t) * x_t - alpha_next * expm1(-h) * D
-    The first step is first order; the last returns the x0 estimate at t = 0.
+    The first step is first order; the last returns the x0 estimate of the last call.
+    time_grid: one of timesteps.TIME_GRIDS; None = default_time_grid(T, steps).
     """
     ac = schedule.alphas_cumprod
     x, x0, old_x0, h_last = x_T, None, None, 0.0
-    pairs = ode_pairs(schedule.timesteps, steps)
+    pairs = ode_pairs(ac, steps, time_grid or default_time_grid(schedule.timesteps, steps))
     for i, (t, t_prev) in enumerate(pairs):
         out = _model(denoise, x, t, x0, self_condition)
         a = float(ac[t])

@@ -17,20 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .denoiser import Denoiser
 from .errors import CxrError
 from .guidance import guided
 from .samplers import SAMPLERS, USES_ETA, get_sampler, resolve_steps
-from .system import peak_rss_mib
+from .shards import check_count
+from .timesteps import LEGACY_GRID, TIME_GRIDS, default_time_grid
 
-StepFn = Callable[[int], None]                # called after each step with the batch size
+StepFn = Callable[[int], object]              # called after each step with the batch size; result ignored
 NOISE = "image i: numpy default_rng([seed, i]), standard_normal float32"
 
 
@@ -45,19 +45,29 @@ class Request:
     labels: tuple[int, ...] | None = None     # class id per image (conditional models)
     guidance: float | None = None             # CFG weight; None when sampling unconditionally
     clip_x0: bool = True
+    time_grid: str | None = None              # dpmpp-2m's time grid (timesteps.TIME_GRIDS); None for the others
 
 
-def resolve_request(denoiser: Any, n: int, *, sampler: str = "dpmpp-2m", steps: int | None = None,
+def resolve_request(denoiser: Denoiser, n: int, *, sampler: str = "dpmpp-2m", steps: int | None = None,
                     eta: float | None = None, seed: int = 0, labels: Sequence[int] | None = None,
-                    guidance: float | None = None, clip_x0: bool = True) -> Request:
-    """Check every setting against the model; CxrError naming the flag otherwise."""
+                    guidance: float | None = None, clip_x0: bool = True,
+                    time_grid: str | None = None) -> Request:
+    """Check every setting against the model; CxrError naming the flag otherwise.
+    time_grid: dpmpp-2m only; None = timesteps.default_time_grid for the steps."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise CxrError(f"-n {n}: the number of images must be >= 1")
+    check_count(n)
     if sampler not in SAMPLERS:
         raise CxrError(f"--sampler {sampler!r} is unknown (valid: {', '.join(SAMPLERS)})")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise CxrError(f"--seed {seed}: must be an integer >= 0 (image i uses default_rng([seed, i]))")
     steps = resolve_steps(sampler, steps, denoiser.schedule.timesteps, what="--steps")
+    if sampler == "dpmpp-2m":
+        time_grid = time_grid or default_time_grid(denoiser.schedule.timesteps, steps)
+        if time_grid not in TIME_GRIDS:
+            raise CxrError(f"time grid {time_grid!r} is unknown (valid: {', '.join(TIME_GRIDS)})")
+    elif time_grid is not None:
+        raise CxrError(f"a time grid is for sampler dpmpp-2m; {sampler} runs on lucidrains' grid")
     if eta is not None:
         if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
             raise CxrError(f"--eta {eta}: must be a finite number in [0, 1] (0 deterministic, 1 ancestral)")
@@ -78,23 +88,21 @@ def resolve_request(denoiser: Any, n: int, *, sampler: str = "dpmpp-2m", steps: 
             raise CxrError("class labels need a class-conditional model and one label per image")
         labels = tuple(int(k) for k in labels)
     return Request(n, sampler, steps, eta, seed, labels, (1.0 if guidance is None else float(guidance))
-                   if labels is not None else None, clip_x0)
+                   if labels is not None else None, clip_x0, time_grid)
 
 
 def image_rngs(seed: int, indices: Sequence[int]) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, i]) for i in indices]
 
 
-def iter_batches(denoiser: Any, req: Request, *, batch_size: int, indices: Sequence[int] | None = None,
+def iter_batches(denoiser: Denoiser, req: Request, *, batch_size: int, indices: Sequence[int] | None = None,
                  on_step: StepFn | None = None, xp: Any = np) -> Iterator[tuple[list[int], np.ndarray]]:
     """Yield (image indices, samples (b, C, H, W) float32 in [-1, 1]) batch by batch.
 
     indices: which images of the request to make (default all n, in order). A model output
     that is not finite stops the run with CxrError naming the step: no image of that batch
-    is returned, so none is written.
+    is returned, so none is written. batch_size >= 1 (sample_set.plan_set checks the CLI's).
     """
-    if batch_size <= 0:
-        raise CxrError(f"--batch-size {batch_size}: must be >= 1")
     sample = get_sampler(req.sampler)
     cfg = denoiser.config.model
     shape = (cfg.channels, cfg.image_size, cfg.image_size)            # (C, H, W)
@@ -128,19 +136,20 @@ def iter_batches(denoiser: Any, req: Request, *, batch_size: int, indices: Seque
         x_T = draw()                                                  # (b, C, H, W)
         out = sample(denoise, x_T, denoiser.schedule, steps=req.steps, eta=req.eta,
                      noise=lambda k: draw(), clip_x0=req.clip_x0,
-                     self_condition=bool(getattr(denoiser, "self_condition", False)),
-                     callback=(lambda info: on_step(b)) if on_step else None)
+                     self_condition=denoiser.self_condition,
+                     callback=(lambda info: on_step(b)) if on_step else None,
+                     **({"time_grid": req.time_grid} if req.time_grid else {}))
         yield idx, (out if isinstance(out, np.ndarray) else out.get()).astype(np.float32, copy=False)
 
 
-def generate(denoiser: Any, req: Request, *, batch_size: int = 8, **kwargs: Any) -> np.ndarray:
+def generate(denoiser: Denoiser, req: Request, *, batch_size: int = 8, **kwargs: Any) -> np.ndarray:
     """All images of the request as one (n, C, H, W) float32 array in [-1, 1]."""
     return np.concatenate([batch for _, batch in iter_batches(denoiser, req, batch_size=batch_size, **kwargs)])
 
 
-def request_settings(denoiser: Any, req: Request, fmt: str, xp: Any = np) -> dict[str, Any]:
+def request_settings(denoiser: Denoiser, req: Request, fmt: str, xp: Any = np) -> dict[str, Any]:
     """Everything that determines the written files, as recorded in samples.json."""
-    names = list(denoiser.meta.get("class_names") or [])
+    names = list(denoiser.artifact.class_names)
     return {
         "engine_sha256": denoiser.sha256,            # the ONNX/engine file, or the checkpoint for torch
         "metadata_sha256": hashlib.sha256(json.dumps(denoiser.meta, sort_keys=True).encode()).hexdigest(),
@@ -153,43 +162,14 @@ def request_settings(denoiser: Any, req: Request, fmt: str, xp: Any = np) -> dic
                           if req.labels else None),
         "image_size": denoiser.config.model.image_size, "objective": denoiser.config.diffusion.objective,
         "schedule_sha256": denoiser.schedule.digest(), "noise": NOISE,
+        # 0.2.0 records name no grid (dpmpp-2m ran on LEGACY_GRID only): that grid adds no key, so
+        # their hashes still match and sample_set.plan_set finishes such a set on its own grid
+        **({"time_grid": req.time_grid} if req.time_grid not in (None, LEGACY_GRID) else {}),
+        # TF32 exists on the GPU providers only, where it changes pixels: recorded and hashed there
+        # (a 0.2.0 CUDA set ran in TF32 silently and is rightly not resumed); CPU records keep 0.2.0's hash
+        **({"tf32": denoiser.tf32} if denoiser.provider != "cpu" else {}),
     }
 
 
 def request_sha256(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-# -----------------------------------------------------------------------------
-# benchmark: per-step latency of a full sampling run, in a fresh process per backend
-
-def bench_run(denoiser: Any, *, batch_size: int, steps: int, sampler: str = "dpmpp-2m",
-              repeats: int = 1, guidance: float | None = None, xp: Any = np) -> dict[str, Any]:
-    """Time `repeats` runs of `steps` steps after a 3-step warm-up; latencies per step.
-    guidance: time classifier-free guided sampling (class 0, weight W) instead.
-    xp: the sampler math's array module (numpy or cupy)."""
-    labels = None if guidance is None else [0] * batch_size
-
-    def req(sampler: str, steps: int, seed: int) -> Request:
-        return resolve_request(denoiser, batch_size, sampler=sampler, steps=steps, seed=seed, labels=labels,
-                               guidance=guidance)
-    first = time.time()
-    # warm-up: 3 calls, past ORT's regular runs and the CUDA graph capture of this batch size
-    next(iter_batches(denoiser, req("ddim", 3, 0), batch_size=batch_size, xp=xp))
-    first_step_at = time.time()
-    lat: list[float] = []
-    totals = []
-    for r in range(repeats):
-        stamps = [time.perf_counter()]
-        next(iter_batches(denoiser, req(sampler, steps, r), batch_size=batch_size, xp=xp,
-                          on_step=lambda b: stamps.append(time.perf_counter())))
-        lat += list(np.diff(stamps))
-        totals.append(stamps[-1] - stamps[0])
-    lat_ms = np.array(lat) * 1e3
-    return {"backend": denoiser.backend, "provider": denoiser.provider, "batch_size": batch_size,
-            "guidance": guidance, "arrays": xp.__name__, "cuda_graph": getattr(denoiser, "cuda_graph", None),
-            "steps": steps, "sampler": sampler, "step_ms_median": float(np.median(lat_ms)),
-            "step_ms_p90": float(np.percentile(lat_ms, 90)),
-            "images_per_s": float(batch_size / np.median(totals)),
-            "warmup_step_s": first_step_at - first, "first_step_at": first_step_at,
-            "peak_rss_mib": peak_rss_mib()}

@@ -58,24 +58,71 @@ def ddpm_pairs(timesteps: int) -> list[tuple[int, int]]:
     return [(t, t - 1) for t in range(timesteps - 1, -1, -1)]
 
 
-def ode_pairs(timesteps: int, steps: int) -> list[tuple[int, int]]:
-    """Grid for ODE solvers (dpmpp-2m): S model calls at t_k = round((k / (S-1))^2 (T-1)),
-    DPM-Solver's "time_quadratic" spacing, so the last call is at t = 0.
+TIME_GRIDS = ("logsnr", "time-uniform", "time-quadratic", "linspace")
+LEGACY_GRID = "time-quadratic"   # dpmpp-2m's only grid in 0.2.0: sets begun on it are finished on it
 
-    Why not lucidrains' uniform grid: it ends with a first-order jump to x0 from
-    t ~ T/S, and near t = 0 log-SNR changes fast, so uniform-in-t steps make the
-    2M extrapolation ratio swing wildly. Quadratic spacing gives the solver its
-    second-order convergence (tests/test_samplers.py measures the slope).
-    """
-    check_steps(steps, timesteps)
-    if steps == 1:                         # one call: straight from pure noise to x0
-        return [(timesteps - 1, -1)]
-    times = np.round(np.linspace(0.0, np.sqrt(timesteps - 1), steps) ** 2).astype(np.int64)
-    for i in range(1, steps):              # rounding can repeat small t: keep them distinct
+
+def default_time_grid(timesteps: int, steps: int) -> str:
+    """dpmpp-2m's grid, chosen by measurement on trained tiny models (T = 100 and T = 1000;
+    bench/results/accuracy.md): log-SNR-uniform while steps are sparse, time-uniform once
+    they are dense (steps > T/4: log-SNR spacing then wants finer levels than the model has
+    at both ends, and the distinct-level fix bunches the calls there; on the T = 100 model
+    the two tie at 30 steps and time-uniform wins at 50)."""
+    return "logsnr" if 4 * steps <= timesteps else "time-uniform"
+
+
+def _distinct_ascending(times: np.ndarray, top: int) -> np.ndarray:
+    """Make ascending integer levels strictly increasing, last one `top` (rounding can repeat)."""
+    times = times.astype(np.int64)
+    times[-1] = top
+    for i in range(1, len(times)):
         times[i] = max(times[i], times[i - 1] + 1)
-    if times[-1] > timesteps - 1:          # only when S is close to T: shift the top down
-        times[-1] = timesteps - 1
-        for i in range(steps - 2, -1, -1):
+    if times[-1] > top:                    # only when steps is close to T: shift the top down
+        times[-1] = top
+        for i in range(len(times) - 2, -1, -1):
             times[i] = min(times[i], times[i + 1] - 1)
+    return times
+
+
+def ode_pairs(alphas_cumprod: np.ndarray, steps: int, grid: str = LEGACY_GRID) -> list[tuple[int, int]]:
+    """Grid for the ODE solver (dpmpp-2m): `steps` model calls from t = T-1, the last one's x0
+    estimate returned (t_prev = -1). `grid`:
+
+    - "logsnr": uniform in log-SNR lambda_t = log(alpha_t / sigma_t) (DPM-Solver's "logSNR"
+      spacing, Lu et al. 2022), each call at the nearest level: steps h = (lambda_0 -
+      lambda_{T-2}) / (S - 1/2) from level T-2 up to half a step short of level 0, so that the
+      final x0 estimate covers the last half step (measured: at 5 steps this beats a last call
+      at t = 0 by a third; from 10 on the two are alike); the first call stays at T-1. T-2, not
+      T-1: schedules cap the last beta (sigmoid, cosine), so lambda_{T-1} lies far below the
+      rest (-6.4 against -2.9 at T = 100, sigmoid) and spacing from it would spend calls
+      between T-1 and T-2.
+    - "time-uniform": round(linspace(0, T-1, S)), last call at t = 0.
+    - "time-quadratic": t_k = round((k / (S-1))^2 (T-1)) (DPM-Solver's "time_quadratic"); the
+      only grid in 0.2.0, kept so that sets begun on it are finished on it.
+    - "linspace": diffusers' DPMSolverMultistepScheduler default (timestep_spacing="linspace",
+      final_sigmas_type="zero"): calls at round(linspace(0, T-1, S+1))[:0:-1], then the x0 jump
+      from t ~ T/S. For comparison (tests/test_samplers.py pins it to diffusers).
+
+    "time-uniform" and "time-quadratic" end with a call at t = 0, as the T-step DDIM reference does.
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    T = len(ac)
+    check_steps(steps, T)
+    if grid not in TIME_GRIDS:
+        raise CxrError(f"time grid {grid!r} is unknown (valid: {', '.join(TIME_GRIDS)})")
+    if steps == 1:                         # one call: straight from pure noise to x0
+        return [(T - 1, -1)]
+    if grid == "linspace":
+        times = _distinct_ascending(np.round(np.linspace(0.0, T - 1.0, steps + 1))[1:], T - 1)
+    elif grid == "logsnr":
+        a = np.clip(ac, 1e-12, 1 - 1e-12)                             # tiny T: a level can be 0 or 1
+        lam = 0.5 * np.log(a / (1 - a))                                  # decreasing in t
+        h = (lam[0] - lam[max(T - 2, 0)]) / (steps - 0.5)
+        targets = lam[0] - h * (0.5 + np.arange(steps))                  # ascending t, last at lambda_{T-2}
+        times = _distinct_ascending(np.abs(lam[None, :] - targets[:, None]).argmin(axis=1), T - 1)
+    elif grid == "time-uniform":
+        times = _distinct_ascending(np.round(np.linspace(0.0, T - 1.0, steps)), T - 1)
+    else:
+        times = _distinct_ascending(np.round(np.linspace(0.0, np.sqrt(T - 1), steps) ** 2), T - 1)
     seq = [int(v) for v in times[::-1]] + [-1]
     return list(zip(seq[:-1], seq[1:]))

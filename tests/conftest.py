@@ -13,6 +13,15 @@ SHARED_MINI = ROOT.parent / "shared" / "data" / "cxr-mini"   # 44 real radiograp
 BUNDLED = ROOT / "data" / "cxr-sample"                       # the same images, shipped with the repo
 
 
+def bundled_patients() -> list[list[dict[str, str]]]:
+    """data/cxr-sample's manifest rows (class, file, patient, ...) grouped by patient, patients in
+    sorted order: tests split these, never single images, so no patient is on two sides."""
+    import csv
+    with open(BUNDLED / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [[r for r in rows if r["patient"] == p] for p in sorted({r["patient"] for r in rows})]
+
+
 def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
 
@@ -51,7 +60,7 @@ def cxr_mini() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     return load_config(ROOT / "configs" / "tiny.yaml")
 
 
@@ -69,6 +78,21 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_cfg) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     return save_checkpoint(path, cfg=tiny_cfg, step=0, class_names=["COVID-19", "Normal"],
                            ema=sd, online=sd, data_fingerprint="test")
+
+
+@pytest.fixture(scope="session")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
+    """tiny_ckpt exported to ONNX (legacy exporter), once per session (builders.export_tiny_onnx)."""
+    from builders import export_tiny_onnx
+    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
+
+
+@pytest.fixture()
+def odd_dataset(tmp_path: Path, cxr_mini: Path) -> Path:
+    """Class folders with one real JPEG each plus every odd format we promise to read
+    (16-bit PNG, DICOM, RGBA, truncated, garbage)."""
+    from builders import odd_dataset as build
+    return build(tmp_path, cxr_mini)
 
 
 @pytest.fixture(scope="session")

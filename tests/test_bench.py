@@ -1,9 +1,11 @@
 """Smoke tests for bench/: every section runs end to end at tiny sizes (numbers are not checked)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ if str(ROOT) not in sys.path:
 
 from bench import accuracy, common, denoiser, gpu, gpu_sampling, guidance, loader, sampling, train  # noqa: E402
 from bench.report import write_readme_snippet  # noqa: E402
+from cxr_ddpm.runtime.timesteps import TIME_GRIDS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -58,10 +61,30 @@ def test_denoiser_section(tmp_path: Path) -> None:
     assert (tmp_path / "denoiser.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compile_time_box_records_failure(tiny_ckpt: Path) -> None:
+def test_compile_time_box_records_failure(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """Speed-independent: a compile child that never ends is cut off (its own children too), and
+    a compile that really fails (3 channels into a 1-channel U-Net) is recorded, not raised."""
     x, t = np.zeros((1, 1, 32, 32), np.float32), np.zeros((1,), np.int64)
-    fn, info = denoiser.compiled_call(tiny_ckpt, x, t, limit_s=1)
-    assert fn is None and info["compile_status"].startswith("failed:") and "TimeoutError" in info["compile_status"]
+    pidfile = tmp_path / "grandchild.pid"
+    hang = [sys.executable, "-c", "import subprocess, sys, time; "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(g.pid)); time.sleep(3600)"]
+    fn, info = denoiser.compiled_call(tiny_ckpt, x, t, limit_s=2, probe_cmd=hang)
+    assert fn is None and info["compile_status"] == "failed: TimeoutError: exceeded 2 s"
+    if pidfile.is_file():                                  # the grandchild got that far: it must be gone
+        stat = Path(f"/proc/{pidfile.read_text()}/stat")
+
+        def alive() -> bool:                               # SIGKILL is delivered, not yet acted on, at once
+            try:
+                return stat.read_text().split(") ")[1][0] != "Z"
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+        deadline = time.monotonic() + 60                   # a bound for a loaded machine, not a timing check
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive()
+    fn, info = denoiser.compiled_call(tiny_ckpt, np.zeros((1, 3, 32, 32), np.float32), t, limit_s=3600)
+    assert fn is None and info["compile_status"].startswith("failed: TorchRuntimeError"), info
 
 
 def test_sampling_section_labels_extrapolated_rows(tmp_path: Path) -> None:
@@ -75,12 +98,33 @@ def test_sampling_section_labels_extrapolated_rows(tmp_path: Path) -> None:
 
 
 def test_accuracy_section_on_fixture_checkpoint(tmp_path: Path, tiny_ckpt: Path) -> None:
-    accuracy.run(tmp_path, ckpt=tiny_ckpt, n=1, grid=(("ddim", 5), ("dpmpp-2m", 20), ("ddim", 100)))
+    accuracy.run(tmp_path, ckpt=tiny_ckpt, n=2, steps=(5, 20, 100), clips=(True,))
     doc = json.loads((tmp_path / "accuracy.json").read_text())
-    by = {(r["sampler"], r["steps"]): r for r in doc["rows"]}
-    assert by[("ddim", 5)]["rmse"] > by[("ddim", 100)]["rmse"] >= 0   # fewer steps: further from the T-step run
-    assert doc["goal"]["sampler"] == "dpmpp-2m" and doc["goal"]["steps"] == 20
+    by = {(r["sampler"], r["grid"], r["steps"]): r for r in doc["rows"]}
+    assert by[("ddim", None, 5)]["rmse"] > by[("ddim", None, 100)]["rmse"] == 0   # the T-step run is the reference
+    assert {g for s, g, _ in by if s == "dpmpp-2m"} == set(TIME_GRIDS)
+    assert [r["grid"] for r in doc["rows"] if r["default_grid"]] == ["logsnr", "logsnr", "time-uniform"]
+    diff = by[("diffusers default", "linspace", 5)]
+    assert len(diff["per_image"]) == 2 and diff["sd"] >= 0
+    if importlib.util.find_spec("diffusers") is None:       # the column still comes, labelled as what it is
+        assert "diffusers not installed" in diff["how"]
+        assert diff["rmse"] == by[("dpmpp-2m", "linspace", 5)]["rmse"]
+    assert [(r["steps"], r["grid"]) for r in doc["summary"]] == [(5, "logsnr"), (20, "logsnr"), (100, "time-uniform")]
+    assert doc["goal"]["steps"] == 20 and isinstance(doc["goal"]["vs_diffusers_met"], bool)
+    assert "diffusers default" in (tmp_path / "accuracy.md").read_text()
     assert (tmp_path / "accuracy.png").is_file()
+
+
+def test_accuracy_summary_compares_default_grid_with_diffusers() -> None:
+    def row(sampler: str, grid: str | None, rmse: float, per: list[float], default: bool = False) -> dict:
+        return {"model": "m", "clip_x0": True, "steps": 10, "sampler": sampler, "grid": grid, "rmse": rmse,
+                "sd": 0.0, "per_image": per, "default_grid": default}
+    rows = [row("ddim", None, 0.05, [0.05, 0.05]), row("dpmpp-2m", "time-quadratic", 0.04, [0.01, 0.07]),
+            row("dpmpp-2m", "logsnr", 0.02, [0.01, 0.03], True), row("diffusers default", "linspace", 0.03, [0.02, 0.02])]
+    (s,) = accuracy.summary(rows)
+    assert s["grid"] == "logsnr" and s["ok"] and s["images_at_least_as_close"] == "50%"
+    rows[2]["rmse"] = 0.031
+    assert not accuracy.summary(rows)[0]["ok"]
 
 
 def test_rmse_in_unit_pixel_space() -> None:
@@ -117,6 +161,55 @@ def test_gpu_sampling_rows_say_why_not_measured() -> None:
     rows = [{"model": "m", "px": 8, "batch": 16, "variant": v, "median_ms": ms} for v, ms in (("eager_bf16", 1.0),
                                                                                            ("eager_fp32", 4.0))]
     assert gpu_sampling.eager_fp32_ms(rows, "m", 8, 16) == 4.0 and gpu_sampling.eager_fp32_ms(rows, "m", 8, 1) is None
+
+
+def test_gpu_sampling_rows_run_on_cpu() -> None:
+    """bench gpu's step and end-to-end rows, executed on ORT's CPU provider with NumPy: every NumPy
+    row of the plan is timed (each ratio = the baseline's time / the row's), the CuPy and graph
+    rows say why not. (fp16 plain numpy is added so that a ratio is not the baseline's own.)"""
+    arts = common.fresh_artifacts("tiny", [], ("fp32", "fp16"))
+    extra = (("fp16", "off", "numpy"),)
+    step = gpu_sampling.step_rows(arts, "tiny", 32, 2, 2, 1.0, provider="cpu", plan=gpu_sampling.STEP_PLAN + extra)
+    e2e = gpu_sampling.e2e_rows(arts, "tiny", 32, batch=2, steps=2, repeats=1, provider="cpu",
+                                plan=gpu_sampling.E2E_PLAN + extra)
+    for rows, key, ratio in ((step, "median_ms", "vs_ort_fp32_numpy"),
+                             (e2e, "s_per_image", "speedup_vs_ort_fp32_numpy")):
+        by = {r["variant"]: r for r in rows}
+        assert len(by) == 7 and {r["provider"] for r in rows} == {"cpu"}
+        timed = {v for v, r in by.items() if key in r}
+        assert timed == {"fp32 plain numpy", "fp16 plain numpy"}, rows
+        base = by["fp32 plain numpy"][key]
+        for v in timed:
+            r = by[v]
+            assert r[key] > 0 and r["images_per_s"] > 0 and "skipped" not in r
+            assert r[ratio] == pytest.approx(base / r[key], abs=6e-4)             # rounded to 3 places
+        for v in set(by) - timed:
+            want = "--cuda-graph on needs --provider cuda" if "graph" in v else "--arrays cupy needs a GPU provider"
+            assert want in by[v]["skipped"] and key not in by[v], by[v]
+    for r in step:
+        if "median_ms" in r:
+            assert r["vs_torch_eager_fp32"] == pytest.approx(1.0 / r["median_ms"], abs=6e-4)
+    assert all(r["first_batch_s"] >= 0 and r["session_s"] >= 0 for r in e2e if "s_per_image" in r)
+
+
+def test_gpu_ort_sessions_refuse_cpu_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU build of onnxruntime lists the CUDA provider even where its libraries cannot load, and
+    then runs the session on CPU: bench gpu must record that variant as not measured, not time the
+    CPU under `ort_cuda`. (Listing the provider is the stand-in here; the session and its fallback
+    are real.)"""
+    import onnxruntime as ort
+    arts = common.fresh_artifacts("tiny", [], ("fp32",))
+    x, t = np.zeros((1, 1, 32, 32), np.float32), np.full((1,), 10, np.int64)
+    calls, skipped = gpu.ort_calls(arts["fp32"], x, t, ("cpu",))
+    assert list(calls) == ["ort_cpu"] and not skipped and calls["ort_cpu"]()[0].shape == x.shape
+    real = ort.get_available_providers()
+    if "CUDAExecutionProvider" in real:
+        pytest.skip("onnxruntime-gpu present: its sessions really run on CUDA")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    calls, skipped = gpu.ort_calls(arts["fp32"], x, t, ("cuda", "tensorrt"))
+    assert not calls and set(skipped) == {"ort_cuda", "ort_tensorrt"}
+    assert "could not load CUDAExecutionProvider and would run on CPUExecutionProvider" in skipped["ort_cuda"]
+    assert "tensorrt" in skipped["ort_tensorrt"] and "not available" in skipped["ort_tensorrt"]
 
 
 @pytest.mark.gpu

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_ddpm.runtime.config import load_config
+from cxr_ddpm.train.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.metadata import FORMAT_VERSION, METADATA_KEY
 from cxr_ddpm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from cxr_ddpm.train.model import build_diffusion, build_unet
+from cxr_ddpm.train.model import build_unet
+
+from builders import lucidrains_file as _lucidrains_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,24 +51,6 @@ def test_run_folder_resolves_to_newest(tmp_path: Path, tiny_cfg) -> None:
     assert load_checkpoint(tmp_path).step == 20
     with pytest.raises(CxrError, match="holds no consolidated checkpoint"):
         load_checkpoint(tmp_path / "checkpoints" / ".." / "checkpoints")
-
-
-def _lucidrains_file(path: Path, cfg) -> dict:
-    """Exactly what lucidrains' Trainer.save writes (model, ema via ema_pytorch, step, ...)."""
-    from ema_pytorch import EMA
-    diffusion = build_diffusion(cfg)
-    ema = EMA(diffusion, beta=0.9)
-    with torch.no_grad():
-        for p in diffusion.parameters():
-            p.add_(0.05)
-    ema.update()                           # ema_pytorch copies the weights before update_after_step
-    with torch.no_grad():
-        for p in diffusion.parameters():   # so move the online weights on: EMA and online differ
-            p.add_(0.01)
-    data = {"step": 7, "model": diffusion.state_dict(), "opt": {}, "ema": ema.state_dict(),
-            "scaler": None, "version": "2.3.4"}
-    torch.save(data, path)
-    return data
 
 
 def test_lucidrains_trainer_checkpoint_import(tmp_path: Path, tiny_cfg) -> None:
@@ -181,7 +165,7 @@ def test_lucidrains_diffusion_taken_from_the_checkpoint(tmp_path: Path, tiny_cfg
                                                             "diffusion.beta_schedule=cosine"])
     _lucidrains_file(tmp_path / "model-2.pt", trained)
     (tmp_path / "model.yaml").write_text("model:\n  dim: 16\n  dim_mults: [1, 2]\n  image_size: 32\n")
-    from cxr_ddpm.runtime.config import load_checkpoint_config
+    from cxr_ddpm.train.config import load_checkpoint_config
     cfg, derive = load_checkpoint_config(tmp_path / "model.yaml")
     assert derive and cfg.diffusion.timesteps == 1000
     ck = load_checkpoint(tmp_path / "model-2.pt", config=cfg, derive_diffusion=derive)

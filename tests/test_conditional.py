@@ -122,7 +122,7 @@ def test_class_on_unconditional_model_is_refused(tiny_ckpt: Path, tmp_path: Path
 
 
 def test_sigmoid_schedule_with_classes_is_refused_early() -> None:
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     from cxr_ddpm.runtime.errors import CxrError
     with pytest.raises(CxrError, match="beta_schedule linear or cosine"):
         load_config(ROOT / "configs" / "tiny.yaml", ["model.num_classes=4"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cxr_ddpm.runtime import schedule as S
-from cxr_ddpm.runtime.config import Config, load_config
+from cxr_ddpm.train.config import Config, load_config
 from cxr_ddpm.runtime.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +24,17 @@ def test_shipped_configs_load(name: str, size: int) -> None:
     assert (cfg.model.channels, cfg.model.image_size) == (1, size)
 
 
-def test_seed_setup_is_cxr128() -> None:
+def test_seed_setup_is_lucidrains_defaults() -> None:
+    """configs/cxr128.yaml is documented as lucidrains' defaults: checked against the library's own."""
+    import inspect
+
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
     cfg = load_config(ROOT / "configs" / "cxr128.yaml")
-    assert (cfg.model.image_size, cfg.model.dim, cfg.diffusion.timesteps) == (128, 64, 1000)
-    assert (cfg.diffusion.objective, cfg.diffusion.beta_schedule) == ("pred_v", "sigmoid")
+    diff = inspect.signature(GaussianDiffusion.__init__).parameters
+    unet = inspect.signature(Unet.__init__).parameters
+    for key in ("timesteps", "objective", "beta_schedule"):
+        assert getattr(cfg.diffusion, key) == diff[key].default, key
+    assert tuple(cfg.model.dim_mults) == tuple(unet["dim_mults"].default)
 
 
 def test_overrides_are_typed() -> None:
@@ -83,6 +90,56 @@ def test_bad_config_files_name_file_and_key(tmp_path: Path, text: str, needle: s
 def test_bad_overrides(override: str, needle: str) -> None:
     with pytest.raises(CxrError, match=needle.replace(".", r"\.").replace("(", r"\(")):
         load_config(ROOT / "configs" / "tiny.yaml", [override])
+
+
+FLOAT_KEYS = [f"{s}.{f.name}" for s, cls in (("model", Config().model), ("diffusion", Config().diffusion),
+                                             ("data", Config().data), ("train", Config().train))
+              for f in dataclasses.fields(cls) if f.type in ("float", float)]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_refused_in_every_field(tmp_path: Path, key: str, value: str) -> None:
+    """NaN passes every `x <= 0` range check; lr: .nan reached AdamW as a traceback (#19.9, #19.13)."""
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(CxrError, match=rf"c\.yaml: {key} must be a finite number"):
+        load_config(path)
+    with pytest.raises(CxrError, match=rf"^--set {key} must be a finite number"):
+        load_config(None, [f"{key}={value.replace('.', '')}"])
+
+
+def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  steps: 5   # r\u00e9sum\u00e9\n".encode("latin-1"))
+    with pytest.raises(CxrError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset 23); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.precision=fp64", "--set train.precision must be one of fp32, bf16, fp16, got 'fp64'"),
+    ("train.lr=-1", "--set train.lr=-1: train.lr must be > 0, got -1.0"),
+    ("model.image_size=33", "--set model.image_size=33: model.image_size=33 must be divisible by 2"),
+    ("data.root=", "--set data.root=: data.root is empty"),
+    ("data.root=  ", "--set data.root=: data.root is empty"),
+])
+def test_override_errors_name_the_flag_not_the_file(override: str, message: str) -> None:
+    """`--set train.precision=fp64` was blamed on configs/tiny.yaml (#19.18); an empty data.root
+    trained on the current directory (#19.16)."""
+    with pytest.raises(CxrError) as e:
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.steps=3", override])
+    assert str(e.value).startswith(message) and "tiny.yaml" not in str(e.value), str(e.value)
+
+
+def test_file_errors_still_name_the_file_beside_other_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: -1.0\n  precision: fp64\n")
+    with pytest.raises(CxrError, match=r"c\.yaml: train\.lr must be > 0"):
+        load_config(path, ["train.precision=bf16", "train.steps=3"])
+    with pytest.raises(CxrError, match=r"c\.yaml: train\.precision must be one of"):
+        load_config(path, ["train.lr=1e-4"])
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -157,6 +214,18 @@ def test_runtime_import_does_not_import_torch() -> None:
     code = ("import sys, cxr_ddpm.runtime, cxr_ddpm.runtime.config, cxr_ddpm.runtime.schedule, "
             "cxr_ddpm.runtime.metadata, cxr_ddpm.runtime.fsutil, cxr_ddpm.runtime.errors; "
             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_runtime_owns_only_the_contract_sections() -> None:
+    """The deployed runtime holds what sampling needs (model, diffusion); the training schema,
+    files and --set are train/'s, importable without torch (the runtime's --config passes a path)."""
+    import cxr_ddpm.runtime.config as rc
+    assert not hasattr(rc, "TrainConfig") and not hasattr(rc, "DataConfig") and not hasattr(rc, "load_config")
+    assert [f.name for f in dataclasses.fields(rc.ModelSpec)] == ["model", "diffusion"]
+    assert Config().spec == rc.ModelSpec() and Config().digest() == rc.ModelSpec().digest()
+    code = "import sys, cxr_ddpm.train.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from builders import ramp as _ramp, write_dicom as _write_dicom
 from conftest import assert_user_error
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
@@ -17,54 +18,6 @@ from cxr_ddpm.runtime.system import cpu_allowance
 from cxr_ddpm.train.data import CxrDataset, default_num_workers, list_images, scan_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ramp(h: int = 60, w: int = 80) -> np.ndarray:
-    return np.tile(np.linspace(0.0, 1.0, w), (h, 1))
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
-                 window: tuple[float, float] | None = None) -> None:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-@pytest.fixture()
-def odd_dataset(tmp_path: Path, cxr_mini: Path) -> Path:
-    """Class folders with one real JPEG each plus every odd format we promise to read."""
-    root = tmp_path / "odd"
-    (root / "A").mkdir(parents=True)
-    (root / "B").mkdir()
-    real = sorted((cxr_mini / "COVID-19").glob("*.jpg"))[0]
-    shutil.copy(real, root / "A" / "real.jpg")
-    ramp = _ramp()
-    Image.fromarray((ramp * 4095).astype(np.uint16)).save(root / "A" / "deep16.png")  # 12 bits used
-    rgba = np.zeros((60, 80, 4), np.uint8)
-    rgba[..., :3] = (ramp * 255).astype(np.uint8)[..., None]
-    rgba[..., 3] = 255
-    Image.fromarray(rgba, "RGBA").save(root / "B" / "rgba.png")
-    Image.fromarray((ramp * 255).astype(np.uint8)).convert("RGB").save(root / "B" / "rgb.jpg")
-    _write_dicom(root / "B" / "mono2.dcm", ramp * 4095)
-    _write_dicom(root / "B" / "mono1.dcm", ramp * 4095, photometric="MONOCHROME1")
-    data = (root / "A" / "real.jpg").read_bytes()
-    (root / "A" / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    (root / "B" / "notanimage.png").write_bytes(b"hello, I am text")
-    return root
 
 
 def test_real_radiographs_load(cxr_mini: Path) -> None:
@@ -119,16 +72,19 @@ def test_truncated_and_garbage_are_unreadable(odd_dataset: Path) -> None:
         load_gray(odd_dataset / "B" / "notanimage.png")
 
 
-def test_dataset_skips_bad_files_with_one_warning(odd_dataset: Path) -> None:
+def test_dataset_skips_bad_files_with_one_warning(odd_dataset: Path, capfd: pytest.CaptureFixture) -> None:
+    """One `warning:` line of ours, not a two-line Python warning attributed to torch (#19.19)."""
     ds = CxrDataset(list_images(odd_dataset), image_size=32)
     bad = [i for i, f in enumerate(ds.images.files) if f.name == "truncated.jpg"][0]
-    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
-        x, _ = ds[bad]
-    assert x.shape == (1, 32, 32)
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # second time: no new warning for the same file
-        ds[bad]
+        warnings.simplefilter("error")                  # no Python warning at all
+        x, _ = ds[bad]
+        assert x.shape == (1, 32, 32)
+        lines = capfd.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"warning: skipping unreadable image {ds.images.files[bad]}: ")
+        ds[bad]                                         # second time: nothing new for the same file
+        assert capfd.readouterr().err == ""
 
 
 def test_scan_reports_counts_formats_and_unreadable(odd_dataset: Path) -> None:
@@ -178,6 +134,29 @@ def test_loose_images_form_one_class(tmp_path: Path, cxr_mini: Path) -> None:
         shutil.copy(f, tmp_path / f.name)
     images = list_images(tmp_path)
     assert images.class_names == (tmp_path.name,) and len(images.files) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["check-data", "{data}", "--workers", "-3"], "'--workers': -3 is not in the range x>=1"),
+    (["check-data", "{data}", "--max-list", "-1"], "'--max-list': -1 is not in the range x>=0"),
+    (["prepare", "{data}", "--size", "32", "--out", "{out}", "--workers", "0"], "'--workers': 0 is not"),
+])
+def test_out_of_range_counts_are_one_line(tmp_path: Path, cxr_mini: Path, args: list[str], needle: str) -> None:
+    """--workers -3 was a ValueError traceback from ThreadPoolExecutor (#19.19)."""
+    args = [a.format(data=cxr_mini, out=tmp_path / "p") for a in args]
+    assert_user_error(CliRunner().invoke(train_cli, args), needle)
+    assert not (tmp_path / "p").exists()
+
+
+def test_check_data_on_a_flat_folder_of_images(tmp_path: Path, cxr_mini: Path) -> None:
+    """No class folders (lucidrains' Trainer layout): one class, as fit and prepare take it (#19.12)."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((cxr_mini / "Normal").glob("*.jpg"))[:3]:
+        shutil.copy(f, flat / f.name)
+    res = CliRunner().invoke(train_cli, ["check-data", str(flat)])
+    assert res.exit_code == 0, res.output
+    assert "3 files in 1 class (" in res.output and "usable: 3 of 3 images" in res.output and not res.stderr
 
 
 def test_workers_respect_slurm_allowance(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,6 @@ audit on real radiographs, the ONNX extractor against pytorch-fid (random weight
 ones are not on these machines and are never faked), and the report's honesty about its weights."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_user_error
+from conftest import assert_user_error, bundled_patients
 from cxr_ddpm.runtime.cli import main as runtime_cli
 from cxr_ddpm.runtime.imageio import load_resized
 from cxr_ddpm.runtime.memorization import audit
@@ -73,13 +72,10 @@ def test_precision_recall_extremes() -> None:
 
 def _split_by_patient() -> tuple[np.ndarray, np.ndarray]:
     """Training set: two thirds of the patients; 'others': images of the remaining patients."""
-    with open(DATA / "manifest.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    patients = sorted({r["patient"] for r in rows})
-    train_p = set(patients[: len(patients) * 2 // 3])
-    load = lambda r: load_resized(DATA / r["class"] / r["file"], 128)          # noqa: E731
-    return (np.stack([load(r) for r in rows if r["patient"] in train_p]),
-            np.stack([load(r) for r in rows if r["patient"] not in train_p]))
+    patients = bundled_patients()
+    cut = len(patients) * 2 // 3
+    load = lambda gs: np.stack([load_resized(DATA / r["class"] / r["file"], 128) for g in gs for r in g])  # noqa: E731
+    return load(patients[:cut]), load(patients[cut:])
 
 
 def test_audit_flags_planted_copies_and_not_other_patients() -> None:
@@ -173,3 +169,52 @@ def test_feature_audit_flags_copies_and_mirrors_only() -> None:
     synth = np.stack([train[3], mirrored[7] + 1e-6, rng.normal(size=8) * 5])
     a = feature_audit(train, mirrored, synth)
     assert a["copies"] == [0, 1] and a["nearest"][:2] == [3, 7]
+
+
+# ---------------------------------------------------------------- issue 19: records, report folders, --out
+
+def _plain_folder(dst: Path, n: int = 6) -> Path:
+    """A folder of loose images (no samples.json, no class folders)."""
+    dst.mkdir(parents=True)
+    for f in sorted((DATA / "Normal").glob("*.jpg"))[:n]:
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_eval_truncated_samples_json_is_one_line(tmp_path: Path) -> None:
+    synth = _plain_folder(tmp_path / "s")
+    (synth / "samples.json").write_text('{"image_size": 64, "images": [{"file": "a.png", "cla')
+    res = CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(synth)])
+    assert_user_error(res, f"{synth / 'samples.json'}: not a readable sample record", "JSONDecodeError")
+    (synth / "samples.json").write_text('{"images": [{"file": "a.png"}]}')          # no image_size
+    assert_user_error(CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(synth)]),
+                      "samples.json: not a readable sample record", "image_size")
+
+
+def test_eval_never_reads_a_report_folder_as_input(tmp_path: Path) -> None:
+    synth = _plain_folder(tmp_path / "s")
+    for extra in ([], [], ["--out", str(tmp_path / "elsewhere")]):   # rerun; then s/eval/ stays, unused
+        res = CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(synth), "--size", "64", *extra])
+        assert res.exit_code == 0, res.output
+        rep = json.loads(((tmp_path / "elsewhere") if extra else synth / "eval").joinpath("eval.json").read_text())
+        assert rep["counts"]["synthetic"] == {"(unlabelled)": 6}
+    nested = tmp_path / "c"                                         # --out inside a class folder
+    _plain_folder(nested / "Normal")
+    for _ in range(2):
+        res = CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(nested), "--size", "64",
+                                               "--out", str(nested / "Normal" / "report")])
+        assert res.exit_code == 0, res.output
+        rep = json.loads((nested / "Normal" / "report" / "eval.json").read_text())
+        assert rep["counts"]["synthetic"] == {"(unlabelled)": 6}
+
+
+def test_eval_failure_leaves_no_out_folder(tmp_path: Path) -> None:
+    (tmp_path / "s" / "A").mkdir(parents=True)
+    (tmp_path / "s" / "A" / "x.png").write_bytes(b"not a png")
+    for extra in (["--out", str(tmp_path / "new" / "ev")], []):
+        res = CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(tmp_path / "s"), *extra])
+        assert_user_error(res, "x.png: cannot read synthetic image", progress=True)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "s" / "eval").exists()
+    (tmp_path / "file").write_text("")
+    assert_user_error(CliRunner().invoke(runtime_cli, ["eval", str(DATA), str(tmp_path / "s"), "--out",
+                                                       str(tmp_path / "file")]), "is a file, not a folder")

@@ -17,9 +17,10 @@ from cxr_ddpm.export import onnx_export
 from cxr_ddpm.export.cli import main
 from cxr_ddpm.export.onnx_export import export_onnx
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import METADATA_KEY, config_from_metadata, read_onnx_metadata
+from cxr_ddpm.runtime.metadata import METADATA_KEY, read_onnx_metadata
 from cxr_ddpm.runtime.schedule import Schedule
 from cxr_ddpm.train.checkpoint import load_checkpoint, save_checkpoint
+from cxr_ddpm.train.config import config_from_metadata
 from cxr_ddpm.train.model import build_diffusion, build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_injected_numeric_error_fails_and_writes_nothing(tiny_ckpt: Path, tmp_pa
 @pytest.fixture
 def wrong_arch_ckpt(tmp_path: Path, tiny_cfg) -> Path:
     """A .safetensors whose tensors don't fit the architecture its own config describes."""
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     other = build_unet(load_config(ROOT / "configs/tiny.yaml", ["model.dim=8"]).model).state_dict()
     return save_checkpoint(tmp_path / "wrong.safetensors", cfg=tiny_cfg, step=1, class_names=[],
                            ema=other, online=other)
@@ -221,6 +222,40 @@ def test_bad_input(case: str, needle: str, tmp_path: Path, tiny_ckpt: Path, requ
     assert not out.exists() and leftovers(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["onnx", "trt", "inception"])
+def test_folder_as_output_refused_first(command: str, tmp_path: Path, tiny_ckpt: Path) -> None:
+    """An existing folder as --out: one line before any work (it failed at the final rename)."""
+    out = tmp_path / "dir"
+    out.mkdir()
+    args = {"onnx": ["--ckpt", tiny_ckpt], "trt": ["--onnx", tmp_path / "x.onnx"], "inception": []}[command]
+    res = run_cli(command, *args, "--out", out)
+    assert_one_line_error(res, f"--out {out}: is a folder")
+    assert "exporting with" not in res.stderr and leftovers(out) == []
+
+
+def test_run_folder_export_names_its_step(tmp_path: Path, tiny_cfg, fast_exporter) -> None:
+    """A run folder exports its newest consolidated checkpoint, and says which; a newer complete
+    exact-resume state without its consolidated file (a run killed between the two) is named.
+    A temp file left at the target by an export killed mid-write (kill -9 runs no cleanup) goes."""
+    from cxr_ddpm.train import resume as ckpt
+    run = tmp_path / "run"
+    sd = build_unet(tiny_cfg.model).state_dict()
+    older = save_checkpoint(run / "checkpoints" / "step_00000010.safetensors", cfg=tiny_cfg, step=10,
+                            class_names=[], ema=sd, online=sd)
+    newer = run / ckpt.DS_DIR / "step_00000020"
+    newer.mkdir(parents=True)
+    ckpt.mark_complete(newer, {"step": 20})
+    out = tmp_path / "onnx" / "unet.onnx"
+    out.parent.mkdir()
+    (out.parent / ".unet.onnx.k1ll3d.tmp").write_bytes(b"half an onnx")
+    res = run_cli("onnx", "--ckpt", run, "--out", out, "--no-verify")
+    assert res.exit_code == 0, res.output
+    assert f"wrote {out} from step 10 (ema weights of {older};" in res.stdout
+    assert f"checkpoint: {older} (step 10)" in res.stderr
+    assert f"warning: {newer} is newer than step 10 but has no consolidated checkpoint" in res.stderr
+    assert leftovers(out.parent) == ["unet.onnx"]
+
+
 def test_read_onnx_metadata_refusals(tmp_path: Path) -> None:
     with pytest.raises(CxrError, match="ONNX file not found"):
         read_onnx_metadata(tmp_path / "nope.onnx")
@@ -240,7 +275,7 @@ def test_read_onnx_metadata_refusals(tmp_path: Path) -> None:
                                       "model.self_condition=true"])
 def test_conditional_and_self_conditioned_inputs(override: str, tmp_path: Path, fast_exporter) -> None:
     """`class` (num_classes = the null label) and `x_self_cond` inputs, as the runtime contract says."""
-    from cxr_ddpm.runtime.config import load_config
+    from cxr_ddpm.train.config import load_config
     cfg = load_config(ROOT / "configs/tiny.yaml", override.split(","))
     torch.manual_seed(0)
     unet = build_unet(cfg.model).eval()

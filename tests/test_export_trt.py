@@ -65,9 +65,13 @@ def test_plan_build_refuses(version: str, precision: str | None, onnx_precision:
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_engine_metadata_records_tf32() -> None:
-    doc = engine_metadata({"precision": "fp32"}, trt_version="10.13.0.35", gpu="H100", compute_capability="9.0",
-                          onnx_sha256="0" * 64, precision="fp32", batch=(1, 2, 4), tf32=False)
+@pytest.mark.parametrize("version", ["10.13.0.35", "11.4.0.106"])
+def test_engine_metadata_records_the_plans_tf32(version: str) -> None:
+    """build_engine records plan.tf32: derived from the flags it clears, never restated."""
+    assert BuildPlan("fp32", False, ()).tf32 is True and BuildPlan("fp32", False, ("TF32",)).tf32 is False
+    plan = plan_build(version, "fp32", "fp32")
+    doc = engine_metadata({"precision": "fp32"}, trt_version=version, gpu="H100", compute_capability="9.0",
+                          onnx_sha256="0" * 64, precision="fp32", batch=(1, 2, 4), tf32=plan.tf32)
     assert doc["tensorrt"]["tf32"] is False and doc["tensorrt"]["onnx_precision"] == "fp32"
 
 

@@ -15,10 +15,10 @@ import torch
 from denoising_diffusion_pytorch.attend import Attend
 from torch.nn.attention import SDPBackend as B
 
-from cxr_ddpm.runtime.config import load_config
+from cxr_ddpm.train.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train.dist import check_gpus_per_node, local_world_size, resolve_world, wants_cuda
-from cxr_ddpm.train.model import attention_summary, build_diffusion, build_unet, sdpa_backends
+from cxr_ddpm.train.model import attention_config, attention_summary, build_diffusion, build_unet, sdpa_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 CXR128 = ROOT / "configs" / "cxr128.yaml"
@@ -45,17 +45,51 @@ def _attends(unet: torch.nn.Module) -> list[Attend]:
     return [m for m in unet.modules() if isinstance(m, Attend) and m.flash]
 
 
-@pytest.mark.parametrize("cc", [HOPPER, TURING])
-def test_build_unet_applies_the_policy(cc):
+@pytest.mark.parametrize("cc, want", [
+    (HOPPER, {B.FLASH_ATTENTION, B.CUDNN_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH}),
+    (TURING, {B.EFFICIENT_ATTENTION, B.MATH}),     # no flash/cuDNN before sm80
+])
+def test_build_unet_applies_the_policy(cc, want):
     m = load_config(CXR128).model
     assert m.flash_attn
     attends = _attends(build_unet(m, capability=cc))
     assert attends
     for a in attends:   # what Attend.flash_attn passes to sdpa_kernel for CUDA inputs
-        allowed = a.cuda_config.backends
-        assert set(sdpa_backends(torch.float32, cc)) <= set(allowed)     # fp32 sampling works
-        assert set(sdpa_backends(torch.bfloat16, cc)) <= set(allowed)    # bf16 training keeps flash
+        assert set(a.cuda_config.backends) == want          # fp32 sampling and bf16 training both served
     assert "flash" in attention_summary(m, HOPPER) and "math" in attention_summary(m, HOPPER)
+
+
+# denoising-diffusion-pytorch releases against what this project calls (wheels from PyPI, each
+# put on PYTHONPATH in turn, model.py built and run on CPU; issue 18.5):
+#   2.0.0           AttentionConfig(enable_flash, enable_math, enable_mem_efficient); Unet has no dropout
+#   2.0.10 - 2.2.4  the same three-flag AttentionConfig: the CUDA policy raises TypeError
+#   2.2.5 - 2.3.1   AttentionConfig(backends) (torch.nn.attention.sdpa_kernel), but the conditional
+#                   Unet.forward has no cond_keep_mask (Denoiser passes it): TypeError
+#   2.3.2, 2.3.4    everything model.py uses (there is no 2.3.3 on PyPI)
+FIRST_WORKING_LUCIDRAINS = "2.3.2"
+
+
+def test_installed_lucidrains_takes_our_attention_config():
+    # the object model.py builds for an H100 in bf16 (an old release: TypeError), used where
+    # lucidrains uses its own: Attend.flash_attn passes its fields to sdpa_kernel (CPU config here)
+    attend = Attend(flash=True)
+    attend.cpu_config = attention_config(HOPPER)
+    q = torch.randn(1, 2, 16, 8)
+    torch.testing.assert_close(attend(q, q, q), Attend(flash=False)(q, q, q), rtol=1e-4, atol=1e-5)
+
+
+def test_pyproject_pins_the_first_working_lucidrains():
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    train = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    (pin,) = [Requirement(r) for r in train if Requirement(r).name == "denoising-diffusion-pytorch"]
+    assert pin.specifier.contains(FIRST_WORKING_LUCIDRAINS)
+    assert not pin.specifier.contains("2.3.1") and not pin.specifier.contains("2.2.4"), pin
+    assert Version(version("denoising-diffusion-pytorch")) in pin.specifier   # this venv meets it
 
 
 def test_readme_conditional_command_builds():

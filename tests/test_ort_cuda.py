@@ -14,13 +14,8 @@ from cxr_ddpm.runtime.backends.ort_cuda import (
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.sampling import generate, resolve_request
 
-from test_runtime_cli import assert_user_error, sample
-from test_runtime_parity import export_tiny_onnx
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
-    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
+from builders import record_provider_lists, sample
+from conftest import assert_user_error
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +81,8 @@ def test_cpu_never_probes_cupy() -> None:
 @pytest.mark.parametrize("args,needle", [
     (["--cuda-graph", "on"], "--cuda-graph on needs --provider cuda"),
     (["--arrays", "cupy"], "--arrays cupy needs a GPU provider"),
+    (["--tf32"], "--tf32 needs --provider cuda or tensorrt (got cpu)"),
+    (["--provider", "tensorrt", "--trt-cache", "/proc/no-such/cache"], "not available in this onnxruntime"),
 ])
 def test_cli_gpu_flags_refused_on_cpu(onnx_path: Path, tmp_path: Path, args: list[str], needle: str) -> None:
     out = tmp_path / "out"
@@ -104,6 +101,7 @@ def test_cpu_run_records_its_path(onnx_path: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "samples.json").read_text())
     assert (rec["arrays"], rec["cuda_graph"], rec["provider"], rec["precision"]) == ("numpy", False, "cpu", "fp32")
+    assert rec["tf32"] is False
 
 
 def test_gpu_fallback_warning_survives_sampling_filters(onnx_path: Path, tmp_path: Path) -> None:
@@ -241,5 +239,136 @@ def test_cli_cuda_records_gpu_path(onnx_path: Path, tmp_path: Path) -> None:
     res = sample(onnx_path, tmp_path, "-n", "3", "--batch-size", "2", "--steps", "4", "--provider", "cuda")
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "samples.json").read_text())
-    assert rec["provider"] == "cuda" and rec["arrays"] == "cupy" and rec["cuda_graph"] in (True, False)
-    assert rec["cuda_graph"] or "warning: " in res.stderr                # off only after a fallback warning
+    assert rec["provider"] == "cuda" and rec["arrays"] == "cupy"
+    assert rec["cuda_graph"] is True and "warning: " not in res.stderr, res.stderr  # captured, no fallback
+
+
+# ---------------------------------------------------------------------------------------------
+# TF32 (#18.2), TensorRT through ORT (#18.9) and the CuPy probe (#18.3), on CPU
+
+def test_tf32_refused_where_ort_does_not_run_it(tiny_ckpt: Path) -> None:
+    with pytest.raises(CxrError, match="--tf32: .* torch backend; --tf32 is an ONNX Runtime setting"):
+        load_denoiser(tiny_ckpt, tf32=True)
+    assert load_denoiser(tiny_ckpt, tf32=False).backend == "torch"        # off: nothing to refuse
+
+
+def test_tf32_is_part_of_the_request(onnx_path: Path) -> None:
+    """TF32 changes the U-Net's rounding and so the pixels: a set started without it is not resumed
+    with it (samples.json records it, and it is in request_sha256)."""
+    from cxr_ddpm.runtime.sampling import request_settings, request_sha256
+    den = load_denoiser(onnx_path, threads=1)
+    req = resolve_request(den, 2, steps=2)
+    plain = request_settings(den, req, "png")
+    assert "tf32" not in plain                        # CPU: no TF32, and 0.2.0 CPU sets keep their hash
+    den.provider = "cuda"                             # as --provider cuda sessions report it, off and on
+    off = request_settings(den, req, "png")
+    den.tf32 = True
+    on = request_settings(den, req, "png")
+    assert off["tf32"] is False and on["tf32"] is True
+    assert len({request_sha256(plain), request_sha256(off), request_sha256(on)}) == 3
+
+
+@pytest.mark.parametrize("provider,first", [
+    ("cuda", ("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"})),
+    ("tensorrt", None),
+])
+def test_gpu_sessions_ask_for_the_right_providers(onnx_path: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, provider: str, first) -> None:
+    """What the runtime asks ORT for on a GPU, from the real model's metadata; this onnxruntime then
+    refuses (CPU build) without leaving an engine cache folder behind."""
+    seen = record_provider_lists(monkeypatch)
+    cache = tmp_path / "cache"
+    try:
+        load_denoiser(onnx_path, provider=provider, trt_cache_dir=cache, trt_batches=(1, 4))
+    except CxrError as e:                             # a GPU machine may get further (a TensorRT-less one)
+        if "not available in this onnxruntime" in str(e):
+            assert not cache.exists()
+    got = seen[0]
+    if provider == "cuda":
+        assert got == [first, "CPUExecutionProvider"]
+        return
+    assert [p if isinstance(p, str) else p[0] for p in got] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert got[0][1]["trt_engine_cache_path"] == str(cache) and got[0][1]["trt_engine_cache_enable"] == "True"
+    assert (got[0][1]["trt_profile_min_shapes"], got[0][1]["trt_profile_max_shapes"]) == (
+        "x:1x1x32x32,t:1", "x:4x1x32x32,t:4")
+    assert got[1] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+
+
+def test_default_trt_cache_is_beside_the_model(onnx_path: Path) -> None:
+    from cxr_ddpm.runtime.backends.onnx import default_trt_cache
+    assert default_trt_cache(onnx_path) == onnx_path.parent / (onnx_path.name + ".trtcache")
+
+
+class _StandInCupy:
+    """CuPy as installed without its compiler: imports, counts a device, and fails at the first
+    kernel launch the way CuPy does when NVRTC cannot be loaded (CuPy cannot be installed here)."""
+
+    def __init__(self, devices: int = 1, compiles: bool = False) -> None:
+        runtime = type("runtime", (), {"getDeviceCount": staticmethod(lambda: devices)})
+        self.cuda = type("cuda", (), {"runtime": runtime})
+        self.float32 = np.float32
+        self.compiles = compiles
+
+    def arange(self, n: int, dtype=None):
+        return _Device(np.arange(n, dtype=dtype))
+
+    def ElementwiseKernel(self, in_params: str, out_params: str, body: str, name: str):
+        def launch(x):
+            if not self.compiles:
+                raise RuntimeError("CuPy failed to load libnvrtc.so.13: OSError: libnvrtc.so.13: cannot open "
+                                   "shared object file: No such file or directory")
+            return _Device(2 * x.host + 1)
+        return launch
+
+
+class _Device:
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = host
+
+    def get(self) -> np.ndarray:
+        return self.host
+
+
+def test_cupy_without_nvrtc_is_not_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import warnings
+
+    from cxr_ddpm.runtime.backends.ort_cuda import GpuFallbackWarning, cupy_problem
+    monkeypatch.setitem(sys.modules, "cupy", _StandInCupy())
+    problem = cupy_problem()
+    assert problem is not None and "\n" not in problem
+    assert "CuPy cannot compile its kernels" in problem and "libnvrtc.so.13" in problem
+    assert "pip install 'cupy-cuda13x[ctk]'" in problem
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sampler_arrays("auto", "cuda") is np                      # NumPy, and says so once
+    msgs = [str(w.message) for w in caught if w.category is GpuFallbackWarning]
+    assert len(msgs) == 1 and msgs[0].startswith("--arrays auto: CuPy cannot compile") and "\n" not in msgs[0]
+    assert msgs[0].endswith("; the sampler math runs on NumPy")
+    with pytest.raises(CxrError, match=r"^--arrays cupy: CuPy cannot compile its kernels"):
+        sampler_arrays("cupy", "cuda")
+
+
+def test_cupy_probe_passes_a_working_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import warnings
+
+    from cxr_ddpm.runtime.backends.ort_cuda import cupy_problem
+    fake = _StandInCupy(compiles=True)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert cupy_problem() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                   # no warning when CuPy works
+        assert sampler_arrays("auto", "cuda") is fake
+    monkeypatch.setitem(sys.modules, "cupy", _StandInCupy(devices=0))
+    assert cupy_problem() == "CuPy sees no CUDA device"
+
+
+def test_missing_cupy_falls_back_silently(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import warnings
+    monkeypatch.setitem(sys.modules, "cupy", None)                       # import cupy -> ImportError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sampler_arrays("auto", "cuda") is np

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime_parity import export_tiny_onnx
+from builders import export_tiny_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("torch", "torchvision", "deepspeed", "denoising_diffusion_pytorch", "safetensors",
@@ -107,7 +107,7 @@ def test_installed_wheel_can_build_a_deepspeed_config(wheel: Path, tmp_path: Pat
     """Training needs no file outside the package: the DeepSpeed dict is built in code."""
     with zipfile.ZipFile(wheel) as z:
         z.extractall(tmp_path / "site")
-    code = ("import cxr_ddpm.train.ds_config as m; from cxr_ddpm.runtime.config import Config;"
+    code = ("import cxr_ddpm.train.ds_config as m; from cxr_ddpm.train.config import Config;"
             "print(m.__file__); print(m.build_ds_config(Config(), 1, False)['zero_optimization']['stage'])")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,

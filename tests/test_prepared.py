@@ -15,7 +15,6 @@ from cxr_ddpm.train.cli import main
 from cxr_ddpm.train.data import CxrDataset, list_images
 from cxr_ddpm.train.prepared import META, PreparedDataset, make_dataset, open_data, prepare
 
-from test_data import odd_dataset  # noqa: F401  (fixture: 16-bit PNG, DICOM, RGBA, truncated, garbage)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

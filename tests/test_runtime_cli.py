@@ -8,26 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from conftest import assert_user_error
-from cxr_ddpm.runtime.cli import main
 from cxr_ddpm.runtime.metadata import METADATA_KEY
-
-from test_runtime_parity import export_tiny_onnx
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
-    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
-
-
-def run(*args: str | Path):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def sample(engine: Path, out: Path, *extra: str | Path):
-    return run("sample", "--engine", engine, "--out", out, "--threads", "1", *extra)
+from builders import run, sample, with_metadata
 
 
 def test_sample_writes_images_grid_and_settings(onnx_path: Path, tmp_path: Path) -> None:
@@ -119,18 +103,6 @@ def test_bench_side_by_side(onnx_path: Path, tiny_ckpt: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
-def _with_metadata(src: Path, dst: Path, edit) -> Path:
-    import onnx
-    model = onnx.load(str(src))
-    props = {p.key: p.value for p in model.metadata_props}
-    del model.metadata_props[:]
-    value = edit(props.get(METADATA_KEY))
-    if value is not None:
-        model.metadata_props.add(key=METADATA_KEY, value=value)
-    onnx.save(model, str(dst))
-    return dst
-
-
 def _newer(text: str) -> str:
     doc = json.loads(text)
     doc["format_version"] = 99
@@ -140,9 +112,9 @@ def _newer(text: str) -> str:
 @pytest.mark.parametrize("case", ["missing", "corrupt", "empty", "image", "no-metadata", "newer", "bad-engine"])
 def test_bad_engine_files(onnx_path: Path, tmp_path: Path, case: str, cxr_mini: Path) -> None:
     engine = tmp_path / f"{case}.onnx"
-    needles = {"missing": "not found", "corrupt": "not a loadable ONNX model", "empty": "empty file",
-               "image": "not a loadable ONNX model", "no-metadata": "no 'cxr_ddpm' metadata",
-               "newer": "format_version 99 is newer", "bad-engine": str(engine)}
+    needles = {"missing": "not found", "corrupt": "not a readable ONNX model", "empty": "empty file",
+               "image": "not a readable ONNX model", "no-metadata": "no 'cxr_ddpm' metadata",
+               "newer": "format_version 99.1 is newer", "bad-engine": str(engine)}
     if case == "corrupt":
         engine.write_bytes(onnx_path.read_bytes()[: 5000])
     elif case == "empty":
@@ -150,9 +122,9 @@ def test_bad_engine_files(onnx_path: Path, tmp_path: Path, case: str, cxr_mini: 
     elif case == "image":                         # a real radiograph
         engine.write_bytes(next(p for p in sorted(cxr_mini.rglob("*")) if p.is_file()).read_bytes())
     elif case == "no-metadata":
-        _with_metadata(onnx_path, engine, lambda text: None)
+        with_metadata(onnx_path, engine, lambda text: None)
     elif case == "newer":
-        _with_metadata(onnx_path, engine, _newer)
+        with_metadata(onnx_path, engine, _newer)
     elif case == "bad-engine":                    # our TensorRT magic, then garbage
         engine.write_bytes(b"CXRTRT\x00\x01" + b"\xff" * 40)
     out = tmp_path / "out"
@@ -166,7 +138,7 @@ def test_bad_engine_files(onnx_path: Path, tmp_path: Path, case: str, cxr_mini: 
     (["--sampler", "euler"], "'--sampler': 'euler' is not one of 'ddpm', 'ddim', 'dpmpp-2m'"),
     (["-n", "0"], "-n 0"),
     (["-n", "-2"], "-n -2"),
-    (["--batch-size", "0"], "--batch-size 0"),
+    (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
     (["--provider", "cuda"], "available: cpu"),
     (["--sampler", "ddpm", "--steps", "10"], "ddpm runs all T=100"),
 ])

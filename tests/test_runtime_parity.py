@@ -10,23 +10,9 @@ from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.samplers import sample_ddim, sample_ddpm
 from cxr_ddpm.runtime.sampling import generate, resolve_request
 
+from builders import export_tiny_onnx
+
 TOL = 1e-4
-
-
-def export_tiny_onnx(tmp_path_factory: pytest.TempPathFactory, ckpt: Path) -> Path:
-    """The tiny checkpoint as ONNX via cxr-export's export_onnx, once per test session
-    (cached under pytest's base temp; the legacy exporter takes ~5 s, dynamo ~25 s)."""
-    from cxr_ddpm.export.onnx_export import export_onnx
-    out = tmp_path_factory.getbasetemp() / "runtime-onnx" / "tiny.onnx"
-    if not out.exists():
-        out.parent.mkdir(exist_ok=True)
-        export_onnx(ckpt, out, exporter="legacy", verify=False, log=lambda msg: None)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
-    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +74,8 @@ def test_ddim_eta_matches_ddim_sample(denoiser, lucid, noise, monkeypatch: pytes
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("dpmpp-2m", 5), ("ddpm", None)])
-def test_batch_size_does_not_change_images(tiny_onnx: Path, sampler: str, steps: int | None) -> None:
-    den = load_denoiser(tiny_onnx, threads=1)
+def test_batch_size_does_not_change_images(onnx_path: Path, sampler: str, steps: int | None) -> None:
+    den = load_denoiser(onnx_path, threads=1)
     req = resolve_request(den, 3, sampler=sampler, steps=steps, seed=7, eta=1.0 if sampler == "ddim" else None)
     one = generate(den, req, batch_size=1)
     assert np.array_equal(one, generate(den, req, batch_size=2))          # batches [0, 1], [2]
@@ -101,8 +87,8 @@ def test_batch_size_does_not_change_images(tiny_onnx: Path, sampler: str, steps:
     assert not np.array_equal(one[0], one[1])
 
 
-def test_onnx_and_torch_backends_agree(tiny_onnx: Path, tiny_ckpt: Path) -> None:
-    ort, ref = load_denoiser(tiny_onnx, threads=1), load_denoiser(tiny_ckpt, threads=1)
+def test_onnx_and_torch_backends_agree(onnx_path: Path, tiny_ckpt: Path) -> None:
+    ort, ref = load_denoiser(onnx_path, threads=1), load_denoiser(tiny_ckpt, threads=1)
     a = generate(ort, resolve_request(ort, 2, sampler="dpmpp-2m", steps=10, seed=3), batch_size=2)
     b = generate(ref, resolve_request(ref, 2, sampler="dpmpp-2m", steps=10, seed=3), batch_size=2)
     assert np.abs(a - b).max() <= TOL

@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error
-from test_runtime_cli import run, sample
-from test_runtime_parity import export_tiny_onnx
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
-    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
+from builders import lucidrains_file, run, sample
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -113,8 +107,7 @@ def test_run_folder_records_its_checkpoint(tiny_ckpt: Path, tmp_path: Path) -> N
 
 
 def test_lucidrains_checkpoint_samples_with_config(tmp_path: Path, tiny_cfg) -> None:
-    from test_checkpoint import _lucidrains_file
-    _lucidrains_file(tmp_path / "model-3.pt", tiny_cfg)
+    lucidrains_file(tmp_path / "model-3.pt", tiny_cfg)
     res = sample(tmp_path / "model-3.pt", tmp_path / "out", "-n", "1", "--steps", "2")
     assert_user_error(res, "carry no model config; pass --config FILE")
     root = Path(__file__).resolve().parents[1]

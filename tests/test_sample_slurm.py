@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime_cli import sample
-from test_runtime_parity import export_tiny_onnx
+from builders import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEN = "2026-11-26T17:00:00Z"
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
-    return export_tiny_onnx(tmp_path_factory, tiny_ckpt)
 
 
 def submit(cluster, tmp: Path, engine: Path, out: Path, *args: str) -> tuple[str, str]:

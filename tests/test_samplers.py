@@ -8,7 +8,8 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.samplers import (SAMPLERS, predict, resolve_steps, sample_ddim, sample_ddpm,
                                        sample_dpmpp_2m)
 from cxr_ddpm.runtime.schedule import Schedule, v_from_x0_eps
-from cxr_ddpm.runtime.timesteps import ddim_pairs, ode_pairs, torch_linspace_f32
+from cxr_ddpm.runtime.timesteps import (LEGACY_GRID, TIME_GRIDS, ddim_pairs, default_time_grid, ode_pairs,
+                                        torch_linspace_f32)
 
 MU, SD = 0.2, 0.3                        # data: every pixel ~ N(MU, SD^2), inside [-1, 1]
 CASES = [("pred_v", "sigmoid"), ("pred_noise", "linear"), ("pred_x0", "cosine")]
@@ -51,13 +52,74 @@ def test_ddim_grid_is_torch_linspace_exactly() -> None:
         assert ddim_pairs(T, S) == list(zip(times[:-1], times[1:])), (T, S)
 
 
-@pytest.mark.parametrize("T,S", [(1, 1), (2, 1), (100, 1), (100, 2), (100, 20), (100, 100), (1000, 37)])
-def test_ode_grid_distinct_and_ends_at_zero(T: int, S: int) -> None:
-    pairs = ode_pairs(T, S)
-    ts = [t for t, _ in pairs]
-    assert len(pairs) == S and ts[0] == T - 1 and pairs[-1][1] == -1
-    assert ts == sorted(set(ts), reverse=True) and all(p == n for (_, p), (n, _) in zip(pairs, pairs[1:]))
-    assert S == 1 or ts[-1] == 0
+def ac_of(T: int, beta_schedule: str = "sigmoid") -> np.ndarray:
+    return Schedule.from_params(timesteps=T, beta_schedule=beta_schedule, objective="pred_v").alphas_cumprod
+
+
+@pytest.mark.parametrize("grid", TIME_GRIDS)
+@pytest.mark.parametrize("T,S", [(1, 1), (2, 1), (2, 2), (3, 2), (100, 1), (100, 2), (100, 20), (100, 99),
+                                 (100, 100), (1000, 37), (1000, 1000)])
+def test_ode_grid_distinct_and_ends_at_zero(T: int, S: int, grid: str) -> None:
+    for sched in ("sigmoid", "linear", "cosine"):
+        pairs = ode_pairs(ac_of(T, sched), S, grid)
+        ts = [t for t, _ in pairs]
+        assert len(pairs) == S and ts[0] == T - 1 and pairs[-1][1] == -1
+        assert ts == sorted(set(ts), reverse=True) and all(p == n for (_, p), (n, _) in zip(pairs, pairs[1:]))
+        assert S == 1 or ts[-1] == 0 or grid == "logsnr" or (grid == "linspace" and ts[-1] == round((T - 1) / S))
+
+
+def test_legacy_grid_is_the_0_2_grid() -> None:
+    """Sets begun by 0.2.0 are finished on its grid: it must not move (values from 0.2.0)."""
+    assert [t for t, _ in ode_pairs(ac_of(100), 5, LEGACY_GRID)] == [99, 56, 25, 6, 0]
+    assert [t for t, _ in ode_pairs(ac_of(1000), 10, LEGACY_GRID)] == [999, 789, 604, 444, 308, 197, 111,
+                                                                         49, 12, 0]
+    assert [t for t, _ in ode_pairs(ac_of(100), 20, LEGACY_GRID)][-6:] == [7, 4, 3, 2, 1, 0]
+
+
+def test_default_grid_rule_and_logsnr_spacing() -> None:
+    assert [default_time_grid(100, s) for s in (5, 10, 20, 25, 26, 50)] == ["logsnr"] * 4 + ["time-uniform"] * 2
+    assert all(default_time_grid(1000, s) == "logsnr" for s in (5, 10, 20, 50, 250))
+    ac = ac_of(1000)
+    lam = 0.5 * np.log(ac / (1 - ac))
+    ts = [t for t, _ in ode_pairs(ac, 10, "logsnr")]
+    h = (lam[0] - lam[998]) / 9.5
+    gaps = np.diff(lam[ts[1:]])                       # after the first call (T-1): equal log-SNR steps
+    assert np.ptp(gaps) < 0.15 * h and abs(gaps.mean() - h) < 0.05 * h       # up to the nearest levels
+    assert abs(lam[ts[-1]] - (lam[0] - h / 2)) < 0.2 * h          # the last call half a step short of t = 0
+    with pytest.raises(CxrError, match="time grid 'karras' is unknown"):
+        ode_pairs(ac, 10, "karras")
+
+
+def diffusers_default(den, x_T: np.ndarray, sched: Schedule, steps: int) -> np.ndarray:
+    """diffusers' DPMSolverMultistepScheduler with its defaults (the schedule's own betas)."""
+    torch = pytest.importorskip("torch")
+    from diffusers import DPMSolverMultistepScheduler
+    ac = sched.alphas_cumprod
+    betas = 1 - ac / np.concatenate([[1.0], ac[:-1]])
+    kind = {"pred_v": "v_prediction", "pred_noise": "epsilon", "pred_x0": "sample"}[sched.objective]
+    dpm = DPMSolverMultistepScheduler(num_train_timesteps=sched.timesteps, trained_betas=betas.tolist(),
+                                      prediction_type=kind)
+    assert (dpm.config.timestep_spacing, dpm.config.final_sigmas_type, dpm.config.solver_order,
+            dpm.config.lower_order_final, dpm.config.algorithm_type) == ("linspace", "zero", 2, True, "dpmsolver++")
+    dpm.set_timesteps(steps)
+    x = torch.from_numpy(x_T.copy())
+    for t in dpm.timesteps:
+        out = den(x.numpy(), np.full((len(x_T),), int(t), np.int64))
+        x = dpm.step(torch.from_numpy(out), t, x).prev_sample
+    return x.numpy()
+
+
+@pytest.mark.parametrize("objective,beta_schedule", CASES)
+@pytest.mark.parametrize("T", [100, 1000])
+def test_dpmpp_2m_matches_diffusers_on_its_grid(objective: str, beta_schedule: str, T: int) -> None:
+    pytest.importorskip("diffusers", reason="diffusers is not a dependency; pip install diffusers to compare")
+    sched = Schedule.from_params(timesteps=T, beta_schedule=beta_schedule, objective=objective)
+    den = gaussian_denoiser(sched)
+    x_T = np.random.default_rng(5).standard_normal((2, 1, 8, 8), dtype=np.float32)
+    for steps in (5, 10, 20, 50):
+        want = diffusers_default(den, x_T, sched, steps)
+        got = sample_dpmpp_2m(den, x_T, sched, steps=steps, clip_x0=False, time_grid="linspace")
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("objective", ["pred_noise", "pred_x0", "pred_v"])
@@ -93,16 +155,16 @@ def test_samples_match_data_distribution(objective: str, beta_schedule: str, sam
 
 
 @pytest.mark.parametrize("objective,beta_schedule", CASES)
-def test_dpmpp_2m_converges_quadratically(objective: str, beta_schedule: str) -> None:
+@pytest.mark.parametrize("grid,steps", [("time-quadratic", [10, 20, 40, 80]), ("logsnr", [20, 40, 80, 160])])
+def test_dpmpp_2m_converges_quadratically(objective: str, beta_schedule: str, grid: str, steps: list[int]) -> None:
     sched = Schedule.from_params(timesteps=1000, beta_schedule=beta_schedule, objective=objective)
     den = gaussian_denoiser(sched)
     x_T = np.random.default_rng(3).standard_normal((2, 1, 32, 32), dtype=np.float32)
     exact = exact_ode_endpoint(sched, x_T)
     ref = sample_ddim(den, x_T, sched, steps=1000, clip_x0=False)           # 1000-step DDIM
     assert np.sqrt(np.mean((ref - exact) ** 2)) < 0.01                      # first order, small h
-    steps = [10, 20, 40, 80]
-    err = [np.sqrt(np.mean((sample_dpmpp_2m(den, x_T, sched, steps=s, clip_x0=False) - exact) ** 2))
-           for s in steps]
+    err = [np.sqrt(np.mean((sample_dpmpp_2m(den, x_T, sched, steps=s, clip_x0=False, time_grid=grid)
+                            - exact) ** 2)) for s in steps]
     slope = np.polyfit(np.log(steps), np.log(err), 1)[0]
     assert slope <= -1.5, (err, slope)
     ddim_err = np.sqrt(np.mean((sample_ddim(den, x_T, sched, steps=20, clip_x0=False) - ref) ** 2))

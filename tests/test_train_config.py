@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import assert_user_error as assert_one_line_error
-from cxr_ddpm.runtime.config import load_config
+from cxr_ddpm.train.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.cli import main
@@ -47,6 +47,35 @@ def test_unknown_zero_stage(tmp_path, cxr_mini):
 def test_fp16_on_cpu(tmp_path, cxr_mini):
     res, out = run_fit(tmp_path, cxr_mini, "--set", "train.precision=fp16")
     assert_one_line_error(res, "fp16", "GPU", "bf16")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("body, needles", [
+    ("train:\n  lr: .nan\n".encode(), ("bad.yaml", "train.lr must be a finite number, got nan")),
+    ("train:\n  steps: 5  # \u00e9\n".encode("latin-1"), ("bad.yaml", "not UTF-8 text (byte 0xe9")),
+])
+def test_bad_config_file_is_one_line(tmp_path, cxr_mini, body, needles):
+    """`lr: .nan` reached AdamW (ValueError traceback); a Latin-1 file gave a UnicodeDecodeError."""
+    (tmp_path / "bad.yaml").write_bytes(body)
+    res = CliRunner().invoke(main, ["fit", "--config", str(tmp_path / "bad.yaml"), "--data", str(cxr_mini),
+                                    "--out", str(tmp_path / "run")], env={"CXR_DEVICE": "cpu"})
+    assert_one_line_error(res, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_override_names_the_flag(tmp_path, cxr_mini):
+    res, out = run_fit(tmp_path, cxr_mini, "--set", "train.precision=fp64")
+    assert_one_line_error(res, "--set train.precision must be one of fp32, bf16, fp16, got 'fp64'")
+    assert "tiny.yaml" not in res.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [(["--set", "data.root="], "--set data.root=: data.root is empty"),
+                                          (["--data", ""], "--data is empty")])
+def test_empty_data_folder_refused(tmp_path, args, needle):
+    """An empty data.root (or --data "") trained on the current directory / data.root silently (#19.16)."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["fit", "--config", TINY, "--out", str(out), *args], env={"CXR_DEVICE": "cpu"})
+    assert_one_line_error(res, needle)
     assert not out.exists()
 
 
@@ -174,6 +203,8 @@ def test_sync_interval_follows_step_time():
     """Ranks sync about every CHECK_S seconds: a stop signal waits at most that long (plus a step)."""
     from cxr_ddpm.train.loop import CHECK_S, sync_every
     assert CHECK_S <= 5
-    assert sync_every(0.1) == int(CHECK_S / 0.1)      # fast steps: sync every ~CHECK_S seconds
-    assert sync_every(CHECK_S * 3) == 1               # slow steps: every step
-    assert sync_every(0.0) == 1000                    # and never less often than every 1000 steps
+    for dt in (0.0, 1e-4, 0.003, 0.1, 0.7, CHECK_S, CHECK_S * 3, 60.0):
+        every = sync_every(dt)
+        assert 1 <= every <= 1000, dt                               # at least every 1000 steps
+        assert every * dt <= max(CHECK_S, dt) * (1 + 1e-9), dt      # an interval outlasts CHECK_S by < 1 step
+        assert every in (1, 1000) or (every + 1) * dt > CHECK_S, dt  # and is not needlessly short

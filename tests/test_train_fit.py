@@ -20,37 +20,9 @@ import torch
 from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.checkpoint import load_checkpoint
 
+from builders import BIN, TINY, env, fit_cmd, losses, run_ok  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-BIN = Path(sys.executable).parent
-FAST = ["train.micro_batch=2", "train.sample_every=0", "train.log_every=1", "train.save_every=0",
-        "data.num_workers=0", "train.warmup_steps=2"]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-         and not k.startswith("SLURM_")}
-    # these tests mean CPU (gloo), also on a GPU machine
-    return {**e, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
-
-
-def fit_cmd(data: Path, out: Path, *sets: str, resume: str | None = None) -> list[str]:
-    cmd = [str(BIN / "cxr-train"), "fit", "--config", TINY, "--data", str(data), "--out", str(out)]
-    for s in [*FAST, *sets]:
-        cmd += ["--set", s]
-    return cmd + (["--resume", resume] if resume else [])
-
-
-def losses(run: Path) -> list[tuple[int, str]]:
-    with open(run / "log.csv", newline="") as f:
-        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
-
-
-def run_ok(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, **kw)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxr_ddpm.runtime.config import Config, DiffusionConfig
+from .config import Config, DiffusionConfig, config_from_metadata
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
 from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps, read_metadata
@@ -122,7 +122,7 @@ def load_checkpoint(path: str | Path, config: Config | None = None, *,
     if path.suffix == ".safetensors":
         ckpt = _load_safetensors(path)
         if config is not None:                 # our files carry their config: the given one must agree
-            _check_same_model(ckpt.cfg, config, path)
+            check_same_model(ckpt.cfg.to_dict(), config.to_dict(), str(path))
     elif head.startswith(b"PK") or path.suffix in (".pt", ".pth", ".ckpt"):
         ckpt = _load_lucidrains(path, config, derive_diffusion)
     else:
@@ -131,22 +131,40 @@ def load_checkpoint(path: str | Path, config: Config | None = None, *,
     return ckpt
 
 
+def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header (tensor table and __metadata__), without reading the tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100_000_000:
+            raise CxrError(f"{path}: not a safetensors file (corrupt header)")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise CxrError(f"{path}: not a safetensors file (corrupt header)")
+    return header
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The config a cxr-ddpm .safetensors checkpoint records, read from its header alone."""
+    try:
+        header = _read_header(path)
+    except (ValueError, OSError) as e:
+        raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
+    meta = read_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path)).meta
+    return config_from_metadata(meta, str(path))
+
+
 def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise CxrError(f"{path}: not a safetensors file (corrupt header)")
-            header = json.loads(f.read(n))
+        header = _read_header(path)
         tensors = load_file(str(path))
     except CxrError:
         raise
     except (SafetensorError, ValueError, OSError) as e:
         raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
     info = read_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path))
-    meta, cfg = info.meta, info.config
+    meta, cfg = info.meta, config_from_metadata(info.meta, str(path))
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     online = {k[7:]: v for k, v in tensors.items() if k.startswith("online.")}
     return Checkpoint(cfg, ema or None, online or None, int(meta.get("step", 0)),
@@ -227,10 +245,12 @@ def check_lucidrains_diffusion(state: dict[str, Any], config: Config, path: Path
     return config
 
 
-def _check_same_model(have: Config, want: Config, path: Path) -> None:
-    a, b = have.to_dict(), want.to_dict()
+def check_same_model(have: dict[str, Any], want: dict[str, Any], source: str, hint: str = "") -> None:
+    """The weights' config `have` (Config.to_dict() form) against the requested `want`: CxrError naming
+    the first model/diffusion key that differs (then `hint`); the other sections may differ."""
     for section in ("model", "diffusion"):
-        for key, value in b[section].items():
-            if a[section].get(key) != value:
-                raise CxrError(f"{path}: checkpoint's {section}.{key}={a[section].get(key)!r} does not "
-                               f"match the requested {section}.{key}={value!r}")
+        a = have.get(section) or {}
+        for key, value in want[section].items():
+            if a.get(key) != value:
+                raise CxrError(f"{source}: checkpoint's {section}.{key}={a.get(key)!r} does not "
+                               f"match the requested {section}.{key}={value!r}{hint}")

@@ -1,6 +1,7 @@
 """`cxr-train`: thin click commands over train/ library functions."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -16,10 +17,17 @@ def main() -> None:
     require_extra("train", TRAIN_MODULES, "cxr-train")
 
 
+# shared by check-data and prepare; ranges checked by click (-3 workers was a ValueError traceback)
+_workers = click.option("--workers", type=click.IntRange(min=1), default=None,
+                        help="Decode threads (default: the job's CPU allowance).")
+_max_list = click.option("--max-list", type=click.IntRange(min=0), default=20, show_default=True,
+                         help="Unreadable files to list.")
+
+
 @main.command("check-data")
 @click.argument("data_dir", type=click.Path(path_type=str))
-@click.option("--workers", type=int, default=None, help="Decode threads (default: the job's CPU allowance).")
-@click.option("--max-list", type=int, default=20, show_default=True, help="Unreadable files to list.")
+@_workers
+@_max_list
 @cli_errors
 def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     """Scan DATA_DIR (class folders of JPEG/PNG/DICOM) and report whether it is usable."""
@@ -29,7 +37,8 @@ def check_data(data_dir: str, workers: int | None, max_list: int) -> None:
     images = report.images
     total = sum(report.counts)
     usable = report.usable_counts()
-    click.echo(f"{data_dir}: {total} files in {len(images.class_names)} classes "
+    n_classes = len(images.class_names)
+    click.echo(f"{data_dir}: {total} files in {n_classes} class{'es' if n_classes != 1 else ''} "
                f"(fingerprint {images.fingerprint()}); usable images per class:")
     width = max(len(n) for n in images.class_names)
     for name, count, files in zip(images.class_names, usable, report.counts):
@@ -70,8 +79,8 @@ def _list_unreadable(title: str, files: list, max_list: int) -> None:
 @click.argument("data_dir", type=click.Path(path_type=str))
 @click.option("--size", type=int, required=True, help="Image size in px (must equal model.image_size).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="New folder to create.")
-@click.option("--workers", type=int, default=None, help="Decode threads (default: the job's CPU allowance).")
-@click.option("--max-list", type=int, default=20, show_default=True, help="Unreadable files to list.")
+@_workers
+@_max_list
 @cli_errors
 def prepare_cmd(data_dir: str, size: int, out_dir: str, workers: int | None, max_list: int) -> None:
     """Decode and resize DATA_DIR once into a memory-mapped array for `fit --data OUT`."""
@@ -97,18 +106,23 @@ def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
             overrides: tuple[str, ...], resume: str | None) -> None:
     """Train with DeepSpeed (torchrun, deepspeed, srun or plain; see train/loop.py).
 
-    Exits 75 after saving when stopped by SIGUSR1/SIGTERM, so a job script can requeue.
+    Exits 75 after saving when stopped by SIGUSR1/SIGTERM, so a job script can requeue;
+    3 when training diverged (a non-finite loss or gradient norm; nothing saved after it).
     """
     from pathlib import Path
 
-    from cxr_ddpm.runtime.config import load_config
+    from .config import load_config
 
+    _relay_deepspeed_log()                 # before anything imports deepspeed
+    from .diverge import EXIT_DIVERGED
     from .loop import fit
     from .resume import EXIT_REQUEUE, ignore_stop_signals
 
+    if data_dir is not None and not data_dir.strip():   # "" fell back to data.root without a word
+        raise CxrError("--data is empty: give the image folder (or leave --data out for data.root)")
     cfg = load_config(config_path, overrides)
     result = fit(cfg, data_dir=data_dir, out_dir=out_dir, resume=resume, run_name=Path(config_path).stem)
-    code = EXIT_REQUEUE if result.preempted else 0
+    code = EXIT_DIVERGED if result.diverged else EXIT_REQUEUE if result.preempted else 0
     if result.preempted:
         # Saved. srun (--kill-on-bad-exit: 75 counts as bad) and torchrun's agent now SIGTERM
         # the other ranks; ignored, so none dies mid-exit and turns the step's 75 into 143.
@@ -122,6 +136,62 @@ def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+class _StderrRelay(logging.Filter):
+    """On DeepSpeed's logger: its records from `level` up go to stderr as one line each, none to
+    the stdout handler DeepSpeed installs (the filter outlives that handler's setup)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            print(f"deepspeed: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+        return False
+
+
+def _relay_deepspeed_log() -> None:
+    """Every fit printed DeepSpeed [WARNING] lines on stdout that need no action here (the CPU
+    accelerator guess, the warmup scheduler read before its first step, OVERFLOW skips that
+    the divergence check reports itself). Kept: ERROR and up, on stderr;
+    CXR_DEEPSPEED_LOG=warning or info shows more."""
+    choice = os.environ.get("CXR_DEEPSPEED_LOG", "error").strip().upper()
+    if choice not in ("ERROR", "WARNING", "INFO", "DEBUG"):
+        raise CxrError(f"environment variable CXR_DEEPSPEED_LOG={choice.lower()!r}: use error, warning, info or debug")
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _StderrRelay) for f in logger.filters):
+        logger.addFilter(_StderrRelay(getattr(logging, choice)))
+
+
+@main.command("utility")
+@click.option("--train", "train_dir", required=True, type=click.Path(path_type=str), metavar="REAL_TRAIN",
+              help="Real training images, one folder per class.")
+@click.option("--test", "test_dir", required=True, type=click.Path(path_type=str), metavar="REAL_TEST",
+              help="Real test images (other patients), one folder per class.")
+@click.option("--synth", "synth_dir", required=True, type=click.Path(path_type=str), metavar="SYNTH_DIR",
+              help="Synthetic images: `cxr-runtime sample --per-class` output, or class folders.")
+@click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: SYNTH_DIR/utility].")
+@click.option("--size", type=int, default=None, help="Image size [default: the generator's].")
+@click.option("--steps", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Training steps of each classifier (every regime the same).")
+@click.option("--batch", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train every regime K times (seeds SEED..SEED+K-1): mean ± std.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Resamples of REAL_TEST for the 95% intervals.")
+@click.option("--balance", is_flag=True, help="Also: real plus synthetic images of the smaller classes until even.")
+@cli_errors
+def utility_cmd(train_dir: str, test_dir: str, synth_dir: str, out: str | None, size: int | None, steps: int,
+                batch: int, lr: float, seeds: int, seed: int, bootstrap: int, balance: bool) -> None:
+    """Train on synthetic, test on real: a ResNet-18 trained on real, synthetic and both, scored on REAL_TEST."""
+    from .utility import first_line, run_utility
+    report = run_utility(train_dir, test_dir, synth_dir, out=out, size=size, steps=steps, batch=batch, lr=lr,
+                         seeds=seeds, seed=seed, bootstrap=bootstrap, balance=balance)
+    click.echo(first_line(report))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ skipped with one warning and replaced by the next readable one.
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,7 +60,10 @@ class CxrDataset(torch.utils.data.Dataset):
                 arr = load_resized(self.images.files[i], self.image_size)
             except (UnreadableImage, OSError) as e:
                 self._bad.add(i)
-                warnings.warn(f"skipping unreadable image {self.images.files[i]}: {e}", stacklevel=2)
+                # one line of our own: a Python warning here printed two lines attributed to
+                # torch's DataLoader fetch code (the caller), in the worker that hit the file
+                print(f"warning: skipping unreadable image {self.images.files[i]}: {e}", file=sys.stderr,
+                      flush=True)
                 continue
             if self.hflip and torch.rand(()) < 0.5:
                 arr = arr[:, ::-1]
@@ -92,9 +95,11 @@ class ScanReport:
 
 def nested_datasets(images: ImageList) -> list[str]:
     """Class folders that themselves hold class folders of images: the root given is probably
-    the parent of the dataset (its datasets became "classes")."""
-    return [name for name in images.class_names
-            if sum(1 for d in (images.root / name).iterdir() if d.is_dir() and _images_under(d)) >= 2]
+    the parent of the dataset (its datasets became "classes"). A flat root (images directly in
+    it, one class named after the root) has no class folder to look into."""
+    folders = [(name, images.root / name) for name in images.class_names]
+    return [name for name, folder in folders if folder.is_dir()
+            and sum(1 for d in folder.iterdir() if d.is_dir() and _images_under(d)) >= 2]
 
 
 def check_readable(images: ImageList, workers: int | None = None, decode: int = 64) -> None:

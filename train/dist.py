@@ -16,8 +16,12 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cxr_ddpm.runtime.errors import CxrError
+
+if TYPE_CHECKING:                        # imported lazily at run time (the launcher needs no torch)
+    import torch
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,7 @@ def init_process_group(world: World) -> str:
     return name
 
 
-def device() -> "torch.device":  # noqa: F821 - torch imported lazily
+def device() -> torch.device:
     import torch
     if use_cuda():
         return torch.device("cuda", torch.cuda.current_device())

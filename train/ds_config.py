@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxr_ddpm.runtime.config import Config
+from .config import Config
 from cxr_ddpm.runtime.errors import CxrError
 
 _COMMENT = ("ZeRO-{stage}. cxr-train fills train_batch_size, train_micro_batch_size_per_gpu, "

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_ddpm.runtime.config import Config
+from .config import Config
 
 from .dist import device
 from .model import Denoiser, build_unet
@@ -35,9 +35,9 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
 
     @torch.no_grad()
     def denoise(x: np.ndarray, tt: np.ndarray, self_cond: np.ndarray | None = None) -> np.ndarray:
-        xt, tt = torch.from_numpy(x).to(device()), torch.from_numpy(tt).to(device())
+        xt, tc = torch.from_numpy(x).to(device()), torch.from_numpy(tt).to(device())
         sc = None if self_cond is None else torch.from_numpy(self_cond).to(device())
-        return net(xt, tt, classes if m.num_classes else sc).float().cpu().numpy()
+        return net(xt, tc, classes if m.num_classes else sc).float().cpu().numpy()
 
     x_T = np.random.default_rng(t.seed).standard_normal(            # the same noise every grid
         (n, m.channels, m.image_size, m.image_size)).astype(np.float32)

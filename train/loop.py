@@ -32,13 +32,15 @@ from typing import Iterator
 
 import torch
 
-from cxr_ddpm.runtime.config import Config, TrainConfig
+from .config import Config, TrainConfig
 
 from . import resume as ckpt
 from .dist import backend, device, init_process_group
+from .diverge import MAX_SKIPPED_STEPS, NonFiniteWatch, first_divergence
 from .grid import sample_grid
 from .model import attention_summary, cuda_capability
-from .run import Model, RunLog, build_model, make_loader, peak_mem_mib, plan_run, progress_bar, restore
+from .run import (Model, RunLog, build_model, check_run_lock, make_loader, peak_mem_mib, plan_run, progress_bar,
+                  restore)
 
 CHECK_S = 2.0        # seconds between rank syncs: a stop signal is acted on within about this
 
@@ -51,6 +53,7 @@ class FitResult:
     images_per_s: float
     peak_mem_mib: float
     world_size: int = 1
+    diverged: str | None = None  # why training stopped on a non-finite loss / gradient norm (diverge.py)
 
 
 def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
@@ -64,11 +67,12 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
     # slow start-up then costs one step and a save instead of the whole allocation.
     stop = ckpt.StopFlag()
     init_process_group(world)
+    check_run_lock(plan)                               # rank 0 refused the run folder: all ranks stop here
     import torch.distributed as dist
 
     dev = device()
     m = build_model(cfg, dev, plan.ds_config, seed=t.seed * 1000 + world.rank)
-    step = restore(m, plan.resume_from, world.rank)
+    step = restore(m, plan, world)
     batches = make_loader(cfg, plan.images, world, step, plan.cuda)
     per_step = t.micro_batch * t.grad_accum * world.world_size       # images per optimizer step
     log = RunLog(run, cfg, step) if world.is_main else None
@@ -80,20 +84,26 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
               + (f", resuming from {plan.resume_from.name}" if plan.resume_from else ""), file=sys.stderr)
     bar = progress_bar(world, step, t.steps)
     clock = Clock(per_step)
+    watch = NonFiniteWatch(dev, MAX_SKIPPED_STEPS[t.precision])
+    last_ckpt, diverged = (step if plan.resume_from else None), None
 
     # -- 3. the loop
     while step < t.steps:
         loss = train_step(m, batches, cfg, dev, clock)
         step += 1
-        m.ema.after_step(m.engine.module.unet, step)
+        watch.update(step, loss, m.engine.get_global_grad_norm())
+        m.ema.after_step(m.engine.module.unet, step, m.engine.optimizer)   # bf16: fed the fp32 masters
         stop_now = False
         if clock.due(step, t):                         # every rank checks at the same steps
-            loss_mean, stop_now = clock.sync(step, loss, stop.raised, dev)
+            loss_mean, stop_now, bad = clock.sync(step, loss, stop.raised, dev, watch.flag())
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{clock.images_per_s:.1f}")
-            if log and (step % t.log_every == 0 or step == t.steps or stop_now):
+            if log and (step % t.log_every == 0 or step == t.steps or stop_now or bad):
                 log.row(step, loss_mean, m.scheduler.get_last_lr()[0], m.engine.get_global_grad_norm(),
                         clock.images_per_s, clock.train_time, clock.data_wait_pct)
+            if bad:                                    # no save, no grid: the last checkpoint stays the last finite one
+                diverged = first_divergence(watch).message(t.lr, t.warmup_steps, last_ckpt)
+                break
         with clock.paused():                           # sample grids and saves are not training time
             if t.sample_every and step % t.sample_every == 0 and world.is_main:
                 grid = sample_grid(cfg, m.ema.cpu_shadow(), run / "samples" / f"step_{step:08d}.png")
@@ -101,25 +111,30 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
                     log.image(step, grid)
             if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:
                 ckpt.save_all(m.engine, m.ema, cfg, plan.images, run, world, step)
+                last_ckpt = step
         if stop_now:
             break
 
     # -- 4. summary
     peak = torch.tensor(peak_mem_mib(), device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    if step >= t.steps:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
+    if step >= t.steps or diverged:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
         stop.close()
-    result = FitResult(run, step, step < t.steps, clock.images_per_s, float(peak), world.world_size)
+    result = FitResult(run, step, step < t.steps and not diverged, clock.images_per_s, float(peak),
+                       world.world_size, diverged)
     if log:
         bar.close()
         log.close({"step": step, "preempted": result.preempted, "images_per_s": result.images_per_s,
                    "peak_mem_mib": result.peak_mem_mib, "world_size": world.world_size,
-                   "zero_stage": t.zero_stage, "precision": t.precision, "global_batch": per_step})
+                   "zero_stage": t.zero_stage, "precision": t.precision, "global_batch": per_step,
+                   "diverged": diverged})
         why = f"stopped by signal {stop.signum} at" if result.preempted else "done:"
-        print(f"fit: {why} step {step}/{t.steps}, {result.images_per_s:.1f} images/s, peak memory "
+        print(f"error: {diverged}" if diverged else
+              f"fit: {why} step {step}/{t.steps}, {result.images_per_s:.1f} images/s, peak memory "
               f"{result.peak_mem_mib:.0f} MiB/rank ({'GPU' if plan.cuda else 'RSS'})", file=sys.stderr)
     dist.barrier()
     dist.destroy_process_group()
+    plan.lock.close()                                  # rank 0: the run folder is free again
     return result
 
 
@@ -155,7 +170,8 @@ class Clock:
 
     Reading the loss or the stop flag waits for the GPU and all-reduces across ranks;
     doing that every step leaves the GPU idle while the host waits. So ranks sync at log
-    steps, the last step, and every `every` steps, with `every` re-derived at each sync
+    steps, save and sample steps (a write follows a check of every step since the last
+    sync: diverge.py), the last step, and every `every` steps, with `every` re-derived at each sync
     from the measured step time so that a stop signal is acted on within ~CHECK_S
     seconds. `every` comes from an all-reduced time, so every rank picks the same steps.
     The interval up to the first sync (step 1: warm-up, allocator, autotuning) is not timed.
@@ -181,17 +197,20 @@ class Clock:
             self.last += time.perf_counter() - t0
 
     def due(self, step: int, t: TrainConfig) -> bool:
-        return step >= self.next_sync or step % t.log_every == 0 or step == t.steps
+        return (step >= self.next_sync or step % t.log_every == 0 or step == t.steps
+                or any(every and step % every == 0 for every in (t.save_every, t.sample_every)))
 
-    def sync(self, step: int, loss: torch.Tensor, stop_raised: bool, dev: torch.device) -> tuple[float, bool]:
-        """All-reduce (loss, stop flag, elapsed); returns (mean loss over ranks, stop now)."""
+    def sync(self, step: int, loss: torch.Tensor, stop_raised: bool, dev: torch.device,
+             diverged: torch.Tensor) -> tuple[float, bool, bool]:
+        """All-reduce (loss, stop flag, elapsed, divergence flag); returns (mean loss over ranks,
+        stop now, some rank diverged)."""
         import torch.distributed as dist
         now = time.perf_counter()
         elapsed = now - self.last
         vals = torch.stack([loss, torch.tensor(float(stop_raised), device=dev),
-                            torch.tensor(elapsed, device=dev)])
+                            torch.tensor(elapsed, device=dev), diverged])
         dist.all_reduce(vals)
-        loss_sum, stops, elapsed_sum = vals.tolist()   # the one host sync of the interval
+        loss_sum, stops, elapsed_sum, bad = vals.tolist()   # the one host sync of the interval
         world = dist.get_world_size()
         elapsed = elapsed_sum / world
         steps = step - (self.last_step or 0)
@@ -203,5 +222,5 @@ class Clock:
         self.data_wait_pct = 100.0 * self.data_wait / max(now - self.last, 1e-9)
         self.next_sync = step + sync_every(elapsed / steps)
         self.last, self.last_step, self.data_wait = now, step, 0.0
-        return loss_sum / world, stops > 0
+        return loss_sum / world, stops > 0, bad > 0
 

@@ -12,13 +12,15 @@ benchmarks all get the same policy.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 from denoising_diffusion_pytorch.attend import Attend, AttentionConfig
 from torch.nn.attention import SDPBackend
 
-from cxr_ddpm.runtime.config import Config, DiffusionConfig, ModelConfig
+from .config import Config, DiffusionConfig, ModelConfig
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.schedule import Schedule
 
@@ -58,7 +60,7 @@ def attention_config(capability: tuple[int, int],
 def cuda_capability() -> tuple[int, int] | None:
     """Compute capability of the current CUDA device; None on CPU (incl. CXR_DEVICE=cpu)."""
     from .dist import use_cuda
-    return tuple(torch.cuda.get_device_capability()) if use_cuda() else None
+    return torch.cuda.get_device_capability() if use_cuda() else None
 
 
 def apply_attention_policy(unet: torch.nn.Module, capability: tuple[int, int] | None) -> torch.nn.Module:
@@ -70,7 +72,7 @@ def apply_attention_policy(unet: torch.nn.Module, capability: tuple[int, int] | 
     return unet
 
 
-def build_unet(m: ModelConfig, capability: tuple[int, int] | None | str = "auto") -> torch.nn.Module:
+def build_unet(m: ModelConfig, capability: tuple[int, int] | None | Literal["auto"] = "auto") -> torch.nn.Module:
     """lucidrains' U-Net with our attention policy for `capability` ("auto": this process's GPU)."""
     if capability == "auto":
         capability = cuda_capability()

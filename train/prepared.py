@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.fsutil import exclusive_lock, remove_dead_temps
 from cxr_ddpm.runtime.imageio import UnreadableImage, load_resized, probe
 
 from .data import CxrDataset, ImageList, cpu_allowance, list_images
@@ -87,6 +88,20 @@ def prepare(data_dir: str | Path, size: int, out: str | Path, workers: int | Non
         raise CxrError(f"{out}: already exists; remove it or choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CxrError(f"{out}: cannot create the output folder: {e.strerror}") from None
+    # Every prepare of `out` holds this lock, so a .OUT.XXXX.tmp folder found under it is a
+    # killed prepare's: removed, not left for good. The lock file goes with the lock.
+    with exclusive_lock(out.parent, "cxr-train prepare", name=f".{out.name}.lock"):
+        remove_dead_temps(out)
+        return _prepare_locked(images, size, out, workers, progress)
+
+
+def _prepare_locked(images: ImageList, size: int, out: Path, workers: int | None,
+                    progress: bool) -> PrepareReport:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):   # again: a prepare just finished
+        raise CxrError(f"{out}: already exists; remove it or choose another --out")
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise CxrError(f"{out}: cannot create the output folder: {e.strerror}") from None
@@ -237,7 +252,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 
 def make_dataset(images: ImageList | PreparedImages, image_size: int,
-                 hflip: bool = False) -> torch.utils.data.Dataset:
+                 hflip: bool = False) -> CxrDataset | PreparedDataset:
     if isinstance(images, PreparedImages):
         return PreparedDataset(images, hflip)
     return CxrDataset(images, image_size, hflip)

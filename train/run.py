@@ -5,12 +5,15 @@ Split from loop.py so that the loop itself reads top to bottom on one screen.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
 import importlib.util
 import json
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,31 +21,35 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from cxr_ddpm.runtime.config import Config, load_config
+from .config import Config, load_config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir
+from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir, exclusive_lock, remove_dead_temps
 
 from . import resume as ckpt
+from .checkpoint import CKPT_DIR, check_same_model
 from .data import ImageList, check_readable, default_num_workers
 from .dist import World, check_gpus_per_node, local_world_size, resolve_world, use_cuda
 from .ds_config import build_ds_config
 from .ema import EMA
 from .model import build_diffusion, build_unet
-from .prepared import make_dataset, open_data
+from .prepared import PreparedImages, make_dataset, open_data
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "data_wait_pct"]
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The checked inputs of a run: nothing here has started a process or written a file."""
+    """The checked inputs of a run: nothing here has started a process or written a file
+    (rank 0 holds the run folder's lock and has removed its dead temp files)."""
     cfg: Config
     world: World
     cuda: bool
     ds_config: dict[str, Any]
-    images: ImageList
+    images: ImageList | PreparedImages
     run: Path
     resume_from: Path | None
+    lock: contextlib.ExitStack      # rank 0: the run folder's lock until closed (or the process ends)
+    refused: str | None = None      # rank 0 of a multi-rank run: why the lock was refused (check_run_lock)
 
 
 def plan_run(cfg: Config, data_dir: str | Path | None, out_dir: str | Path | None, resume: str | None,
@@ -64,9 +71,61 @@ def plan_run(cfg: Config, data_dir: str | Path | None, out_dir: str | Path | Non
         raise CxrError("train.tensorboard=true needs the tensorboard package: pip install 'cxr-ddpm[tensorboard]'")
     run = Path(out_dir) if out_dir else Path("runs") / run_name
     ensure_writable_dir(run, "run folder")
-    resume_from = ckpt.find_resume(run, resume)
-    _check_same_run(run, cfg, resume_from)
-    return RunPlan(cfg, world, cuda, ds_config, images, run, resume_from)
+    lock, refused = _lock_run(run, world)
+    try:
+        def warn(msg: str) -> None:
+            if world.is_main and refused is None:
+                print(msg, file=sys.stderr)
+        resume_from = ckpt.find_resume(run, resume, warn)
+        _check_same_run(run, cfg, resume_from)
+        if resume_from is not None and ckpt.tag_step(resume_from) > cfg.train.steps:
+            raise CxrError(f"--resume {resume}: {resume_from} is at step {ckpt.tag_step(resume_from)}, past "
+                           f"train.steps={cfg.train.steps}; raise train.steps to train on")
+        if world.is_main and refused is None:
+            _remove_dead_temp_files(run)
+    except BaseException:
+        lock.close()
+        raise
+    return RunPlan(cfg, world, cuda, ds_config, images, run, resume_from, lock, refused)
+
+
+def _lock_run(run: Path, world: World) -> tuple[contextlib.ExitStack, str | None]:
+    """Rank 0 locks the run folder for the whole run: two runs writing one folder would each
+    print "done" over the other's files. A refusal raises at once in a world of one; with more
+    ranks it is kept for check_run_lock, which tells every rank once the group is up, so no
+    rank waits in init_process_group for a rank 0 that has left."""
+    stack = contextlib.ExitStack()
+    if world.is_main:
+        try:
+            stack.enter_context(exclusive_lock(run, "cxr-train fit"))
+        except CxrError as e:
+            if world.world_size == 1:
+                raise
+            return stack, str(e)
+    return stack, None
+
+
+def check_run_lock(plan: RunPlan) -> None:
+    """Collective, right after init_process_group: if rank 0 was refused the run folder, every
+    rank ends with its one line (exit 2) instead of waiting for it."""
+    if plan.world.world_size == 1:
+        return
+    import torch.distributed as dist
+    refused = [plan.refused]
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        dist.destroy_process_group()
+        raise CxrError(refused[0])
+
+
+def _remove_dead_temp_files(run: Path) -> None:
+    """Temp files of a trainer killed mid-write. With the lock held nobody else trains here, so
+    every one of them is dead. Only the trainer's own names: an export writing beside a
+    checkpoint meanwhile keeps its temp file."""
+    tags = [d / "*" for d in (run / ckpt.DS_DIR).glob("step_*")]
+    for path in (run / "config.yaml", run / "log.csv", run / "summary.json", *tags,
+                 run / CKPT_DIR / "step_*.safetensors", run / "samples" / "step_*.png"):
+        remove_dead_temps(path)
 
 
 # -----------------------------------------------------------------------------
@@ -117,14 +176,30 @@ def build_model(cfg: Config, dev: torch.device, ds_config: dict[str, Any], seed:
     return Model(engine, diffusion, ema, scheduler)
 
 
-def restore(m: Model, resume_from: Path | None, rank: int) -> int:
-    """Load an exact-resume checkpoint (weights, optimizer, EMA, this rank's RNG); returns its step."""
-    if resume_from is None:
+def restore(m: Model, plan: RunPlan, world: World) -> int:
+    """Load an exact-resume checkpoint (weights, optimizer, EMA, this rank's RNG); returns its step.
+    Writes the step's consolidated file if the run that saved it died before it (collective)."""
+    tag = plan.resume_from
+    if tag is None:
         return 0
-    _, client = m.engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
-    m.ema.load_state_dict(torch.load(resume_from / "ema.pt", weights_only=True))
-    ckpt.load_rank_state(resume_from, rank)
-    return int(client["step"])
+    try:
+        found, client = m.engine.load_checkpoint(str(tag.parent), tag=tag.name)
+        if found is None or client is None:
+            raise FileNotFoundError("DeepSpeed found no model states in it")
+        m.ema.load_state_dict(torch.load(tag / "ema.pt", weights_only=True))
+        ckpt.load_rank_state(tag, world.rank)
+    except CxrError:
+        raise
+    except Exception as e:   # torch/DeepSpeed readers raise anything (RuntimeError, EOFError, KeyError, ...)
+        raise CxrError(f"{tag}: cannot load this checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                       f"resume from an older one (--resume {tag.parent}/step_NNNNNNNN)") from None
+    step = int(client["step"])
+    if tag.parent.parent.resolve() != plan.run.resolve():   # another run's checkpoint: not ours to repair
+        return step
+    wrote = ckpt.repair_consolidated(m.engine, m.ema, plan.cfg, plan.images, plan.run, world, step)
+    if wrote and world.is_main:
+        print(f"fit: wrote {wrote}, which the run that saved {tag.name} did not live to write", file=sys.stderr)
+    return step
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +228,8 @@ class StepSampler(torch.utils.data.Sampler):
             epoch, pos = epoch + 1, 0
 
 
-def make_loader(cfg: Config, images: ImageList, world: World, step: int, cuda: bool) -> Iterator:
+def make_loader(cfg: Config, images: ImageList | PreparedImages, world: World, step: int,
+                cuda: bool) -> Iterator:
     """Batches of (images, labels) for this rank, starting where optimizer step `step` left off."""
     t = cfg.train
     dataset = make_dataset(images, cfg.model.image_size, hflip=cfg.data.hflip)
@@ -165,10 +241,24 @@ def make_loader(cfg: Config, images: ImageList, world: World, step: int, cuda: b
         dataset, batch_size=t.micro_batch, sampler=sampler, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=cuda, worker_init_fn=ckpt.ignore_stop_signals,
         generator=torch.Generator().manual_seed(t.seed))  # its own generator: the global RNG stays untouched
-    return iter(loader)
+    batches = iter(loader)
+    if workers:
+        atexit.register(_kill_workers, weakref.ref(batches))
+    return batches
 
 
-def _class_weights(images: ImageList) -> np.ndarray:
+def _kill_workers(batches: "weakref.ref[Any]") -> None:
+    """atexit: SIGKILL the loader's workers if they still run, i.e. fit left by an exception with
+    its loader alive (a traceback keeps fit's frame). They ignore SIGTERM (ignore_stop_signals),
+    and multiprocessing's exit handler, which runs after this one, SIGTERMs daemonic children and
+    then joins them: without this a failed run (a full disk mid-save) hung at exit for good."""
+    it = batches()
+    for w in getattr(it, "_workers", None) or []:
+        if w.is_alive():
+            w.kill()
+
+
+def _class_weights(images: ImageList | PreparedImages) -> np.ndarray:
     """Per-image weight 1 / (its class's count): every class is drawn equally often."""
     counts = np.asarray(images.class_counts(), dtype=np.float64)
     return 1.0 / counts[np.asarray(images.labels)]
@@ -178,13 +268,19 @@ def _class_weights(images: ImageList) -> np.ndarray:
 # the run folder: config.yaml, log.csv, summary.json (rank 0 only)
 
 def _check_same_run(run: Path, cfg: Config, resume_from: Path | None) -> None:
-    """Resuming with another model or schedule would fail deep inside DeepSpeed; say it plainly.
+    """Resuming with another model or schedule would fail deep inside DeepSpeed; say it plainly,
+    comparing with the checkpoint's own record (RUN/config.yaml only for checkpoints without one:
+    `--config RUN/config.yaml` after editing it would always agree with itself).
     A fresh start into a folder that holds checkpoints would mix two runs; refuse that too."""
     saved = run / "config.yaml"
     if resume_from is None and ckpt.complete_checkpoints(run / ckpt.DS_DIR):
         raise CxrError(f"{run}: run folder already holds checkpoints; pass --resume auto to continue "
                        "it or choose another --out")
-    if resume_from is not None and saved.is_file():
+    trained = ckpt.trained_config(resume_from) if resume_from is not None else None
+    if trained is not None:
+        check_same_model(trained[0], cfg.to_dict(), str(resume_from),
+                         "; resume it with the config it was trained with, or use another --out")
+    elif resume_from is not None and saved.is_file():
         old = load_config(saved)
         if old.digest() != cfg.digest():
             raise CxrError(f"{saved}: this run was trained with a different model/diffusion config; "
@@ -193,7 +289,8 @@ def _check_same_run(run: Path, cfg: Config, resume_from: Path | None) -> None:
 
 class RunLog:
     """config.yaml (resolved), log.csv (one row per logged step) and summary.json of a run;
-    with train.tensorboard also TensorBoard scalars and sample grids under RUN/tb."""
+    with train.tensorboard also TensorBoard scalars and sample grids under RUN/tb.
+    On resume, elapsed_s continues from the last kept row (training time of the whole run)."""
 
     def __init__(self, run: Path, cfg: Config, step: int):
         import yaml
@@ -202,7 +299,7 @@ class RunLog:
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter   # checked in plan_run
             self._tb = SummaryWriter(str(run / "tb"), purge_step=step + 1 if step else None)
-        with atomic_write(run / "config.yaml", "w") as f:
+        with _writing(run / "config.yaml"), atomic_write(run / "config.yaml", "w") as f:
             f.write("# resolved config of this run (defaults + file + --set overrides)\n")
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         path = run / "log.csv"
@@ -211,18 +308,24 @@ class RunLog:
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
             rows = [r for r in rows if r and int(r[0]) <= step]
-        with atomic_write(path, "w") as f:
+        self._elapsed0 = 0.0
+        with contextlib.suppress(IndexError, ValueError):
+            self._elapsed0 = float(rows[-1][LOG_FIELDS.index("elapsed_s")])
+        with _writing(path), atomic_write(path, "w") as f:
             w = csv.writer(f)
             w.writerow(LOG_FIELDS)
             w.writerows(rows)
+        self._path = path
         self._file = open(path, "a", newline="")
         self._csv = csv.writer(self._file)
 
     def row(self, step: int, loss: float, lr: float, grad_norm: Any, images_per_s: float,
             elapsed_s: float, data_wait_pct: float) -> None:
-        self._csv.writerow([step, f"{loss:.9g}", f"{lr:.6g}", "" if grad_norm is None else f"{float(grad_norm):.6g}",
-                            f"{images_per_s:.2f}", f"{elapsed_s:.2f}", f"{data_wait_pct:.1f}"])
-        self._file.flush()
+        with _writing(self._path):
+            self._csv.writerow([step, f"{loss:.9g}", f"{lr:.6g}",
+                                "" if grad_norm is None else f"{float(grad_norm):.6g}", f"{images_per_s:.2f}",
+                                f"{self._elapsed0 + elapsed_s:.2f}", f"{data_wait_pct:.1f}"])
+            self._file.flush()
         if self._tb is not None:
             for name, value in (("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
                                 ("images_per_s", images_per_s), ("data_wait_pct", data_wait_pct)):
@@ -239,8 +342,17 @@ class RunLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-        with atomic_write(self.run / "summary.json", "w") as f:
+        with _writing(self.run / "summary.json"), atomic_write(self.run / "summary.json", "w") as f:
             json.dump(summary, f)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write of a run file (full disk) -> one CxrError line naming it and the reason."""
+    try:
+        yield
+    except OSError as e:
+        raise CxrError(f"{path}: cannot write: {ckpt.write_error(path.parent, e)}") from None
 
 
 def progress_bar(world: World, step: int, total: int):

@@ -1,39 +1,29 @@
-"""Backends: small adapters that turn an artifact into a `denoise(x, t)` callable.
+"""Backends: small adapters that run an opened artifact, turning named feeds into outputs.
 
-`load_denoiser(path)` picks the backend from the file itself (a cxr-ddpm TensorRT
-engine by its magic bytes, a checkpoint by its suffix, anything else is tried as
-ONNX) and configures it from the embedded metadata, so users never retype image
-size, schedule or objective. Every denoiser has `.path`, `.sha256` (of the artifact file), `.meta`, `.config`,
-`.schedule`, `.backend`, `.provider`, `.self_condition` and
-`__call__(x, t, x_self_cond=None, classes=None) -> raw model output`.
+`load_denoiser(path)` opens the artifact once (`runtime.artifact.open_artifact`: a cxr-ddpm
+TensorRT engine by its magic bytes, a checkpoint by its suffix, anything else as ONNX) and hands
+it to the backend, so users never retype image size, schedule or objective. Every backend is a
+`runtime.denoiser.Denoiser`: `.artifact` (with `.path`, `.sha256`, `.meta`, `.config`,
+`.schedule`, `.self_condition`, `.null_class` forwarded), `.backend`, `.provider`, `.cuda_graph`,
+`.tf32`, `.checkpoint` and `__call__(x, t, x_self_cond=None, classes=None) -> raw model output`.
 Backends import lazily: choosing ONNX never loads torch or TensorRT.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from ..config import Config
+from ..artifact import open_artifact
+from ..denoiser import Denoiser
 from ..engine_file import is_engine_file
 from ..errors import CxrError
-from ..schedule import Schedule
 
 BACKENDS = ("onnx", "tensorrt", "torch")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 TORCH_BACKEND_MODULE = "cxr_ddpm.train.torch_backend"
 
 
-class Denoiser(Protocol):
-    path: Path
-    sha256: str | None
-    meta: dict[str, Any]
-    config: Config
-    schedule: Schedule
-    backend: str
-    provider: str
-    self_condition: bool
-
-    def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any: ...
+__all__ = ["BACKENDS", "Denoiser", "detect_backend", "load_denoiser", "check_source"]
 
 
 def detect_backend(path: Path) -> str:
@@ -50,7 +40,9 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
     provider: cpu | cuda | tensorrt (default: cpu, tensorrt for engine files).
     ckpt: the checkpoint this artifact must have been exported from (checked against
     the metadata's source.checkpoint_sha256; catches comparing the wrong pair).
-    options: backend-specific (onnx: opt_level, mem_pattern, cuda_graph; torch: channels_last).
+    options: backend-specific (onnx: opt_level, mem_pattern, tf32, trt_cache_dir, trt_batches
+    (see backends.onnx.open_session); tensorrt: libs; torch: channels_last);
+    cuda_graph (auto | on | off) reaches the ONNX and TensorRT backends; torch refuses on.
     """
     path = Path(path)
     if not path.exists():
@@ -63,19 +55,28 @@ def load_denoiser(path: str | Path, *, backend: str | None = None, provider: str
         backend = backend or detect_backend(path)
     except OSError as e:
         raise CxrError(f"{path}: cannot read ({e.strerror})") from None
-    if backend != "onnx" and options.pop("cuda_graph", None) == "on":
-        raise CxrError(f"--cuda-graph on: {path} opens with the {backend} backend; CUDA graphs here "
-                       f"are an ONNX Runtime CUDA provider feature (give an ONNX model)")
+    cuda_graph = options.pop("cuda_graph", None)
+    if backend == "torch" and cuda_graph == "on":         # auto/off: nothing to refuse
+        raise CxrError(f"--cuda-graph on: {path} opens with the torch backend; CUDA graphs here are for "
+                       f"ONNX models on --provider cuda and TensorRT engines")
+    ort_only: dict[str, Any] = {k: options.pop(k) for k in ("tf32", "trt_cache_dir", "trt_batches") if k in options}
+    for flag, key in (("--tf32", "tf32"), ("--trt-cache", "trt_cache_dir")):
+        if backend != "onnx" and ort_only.get(key):
+            raise CxrError(f"{flag}: {path} opens with the {backend} backend; {flag} is an ONNX Runtime "
+                           f"setting (give an ONNX model)")
+    den: Denoiser
     if backend == "tensorrt":
         from .trt_adapter import TrtDenoiser
-        den: Any = TrtDenoiser(path, provider=provider or "tensorrt", **options)
+        den = TrtDenoiser(open_artifact(path, "tensorrt"), provider=provider or "tensorrt", cuda_graph=cuda_graph,
+                          **options)
     elif backend == "torch":
         den = torch_denoiser_class()(path, provider=provider or "cpu", threads=threads, **options)
     else:
         if path.is_dir():
             raise CxrError(f"{path}: is a folder, not an ONNX model")
         from .onnx import OrtDenoiser
-        den = OrtDenoiser(path, provider=provider or "cpu", threads=threads, **options)
+        den = OrtDenoiser(open_artifact(path, "onnx"), provider=provider or "cpu", threads=threads,
+                          cuda_graph=cuda_graph, **ort_only, **options)
     if ckpt is not None:
         check_source(den.meta, Path(ckpt), str(path))
     return den

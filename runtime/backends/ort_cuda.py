@@ -55,6 +55,19 @@ def resolve_cuda_graph(mode: str | None, provider: str) -> bool:
     return mode != "off" and provider == "cuda"
 
 
+def resolve_tf32(tf32: bool | None, provider: str) -> bool:
+    """Whether ORT's CUDA provider may compute fp32 MatMul/Conv in TF32 (`use_tf32`).
+
+    Off by default: TF32 rounds the inputs of fp32 MatMul/Conv to a 10-bit mantissa, so an fp32 model
+    stops being fp32 (and `cxr-export verify`'s 1e-4 check is run with it off, always). Turn it on
+    (--tf32) only after `python -m bench gpu` shows it faster with samples within the fp32
+    tolerance. Refused with one line where there is no CUDA provider to apply it to.
+    """
+    if tf32 and provider not in ("cuda", "tensorrt"):
+        raise CxrError(f"--tf32 needs --provider cuda or tensorrt (got {provider}): TF32 is a GPU math mode")
+    return bool(tf32)
+
+
 def choose_arrays(mode: str | None, provider: str, cupy_problem: str | None, backend: str = "onnx") -> str:
     """'cupy' or 'numpy' for the sampler math.
 
@@ -79,33 +92,51 @@ def choose_arrays(mode: str | None, provider: str, cupy_problem: str | None, bac
     return "cupy"
 
 
+CUPY_MISSING = "CuPy is not installed (pip install 'cupy-cuda13x[ctk]')"
+CUPY_CTK = "install CuPy with its CUDA compiler: pip install 'cupy-cuda13x[ctk]' (CUDA 12: cupy-cuda12x[ctk])"
+
+
 def cupy_problem() -> str | None:
-    """None when CuPy imports and sees a CUDA device; otherwise why not, in one line."""
+    """None when CuPy works: it imports, sees a CUDA device, and compiles and runs a kernel;
+    otherwise why not, in one line. The kernel matters: every CuPy elementwise op is compiled at
+    first use by NVRTC, which `cupy-cuda13x` without its `[ctk]` extra does not bring, so a
+    device count alone would pick CuPy and fail at the sampler's first operation."""
     try:
         import cupy
     except ImportError:
-        return "CuPy is not installed (pip install cupy-cuda13x)"
+        return CUPY_MISSING
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "CuPy sees no CUDA device"
     except Exception as e:  # cupy raises CUDARuntimeError without a driver
-        return f"CuPy cannot use CUDA ({' '.join(str(e).split())[:120]})"
+        return f"CuPy cannot use CUDA ({_first_line(e, 120)})"
+    try:
+        kernel = cupy.ElementwiseKernel("float32 x", "float32 y", "y = 2 * x + 1", "cxr_ddpm_probe")
+        got = [float(v) for v in kernel(cupy.arange(4, dtype=cupy.float32)).get()]
+    except Exception as e:  # NVRTC missing: RuntimeError/CompileException/OSError, depending on the version
+        return f"CuPy cannot compile its kernels ({_first_line(e, 120)}); {CUPY_CTK}"
+    if got != [1.0, 3.0, 5.0, 7.0]:
+        return f"CuPy's probe kernel computed {got} instead of [1, 3, 5, 7]"
     return None
 
 
 def sampler_arrays(mode: str | None, provider: str, backend: str = "onnx") -> Any:
     """The array module (numpy or cupy) for the sampler math; CuPy is probed only when it could
-    be chosen, so CPU runs never import it."""
+    be chosen, so CPU runs never import it. Under auto, an installed CuPy that does not work
+    falls back to NumPy with one warning line (a missing one silently: CuPy is optional)."""
     probe = (mode or "auto") != "numpy" and provider in ("cuda", "tensorrt") and backend != "torch"
-    if choose_arrays(mode, provider, cupy_problem() if probe else None, backend) == "cupy":
+    problem = cupy_problem() if probe else None
+    if choose_arrays(mode, provider, problem, backend) == "cupy":
         import cupy
         return cupy
+    if problem and problem != CUPY_MISSING:
+        warnings.warn(f"--arrays auto: {problem}; the sampler math runs on NumPy", GpuFallbackWarning,
+                      stacklevel=2)
     return np
 
 
-def cuda_provider(graph: bool) -> tuple[str, dict[str, str]]:
-    """The CUDA provider entry for InferenceSession(providers=[...])."""
-    return ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if graph else {})
+def _first_line(error: BaseException | str, width: int = 200) -> str:
+    return (" ".join(str(error).split()) or type(error).__name__)[:width]
 
 
 def session_io_types(session: Any) -> dict[str, Any]:
@@ -118,9 +149,9 @@ def session_io_types(session: Any) -> dict[str, Any]:
     return out
 
 
-def warn_fallback(what: str, error: BaseException) -> None:
-    first = (" ".join(str(error).split()) or type(error).__name__)[:200]
-    warnings.warn(f"{what}; running without CUDA graphs ({first})", GpuFallbackWarning, stacklevel=3)
+def warn_fallback(what: str, error: BaseException | str) -> None:
+    warnings.warn(f"{what}; running without CUDA graphs ({_first_line(error)})", GpuFallbackWarning,
+                  stacklevel=3)
 
 
 def sync_cupy() -> None:

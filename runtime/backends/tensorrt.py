@@ -8,6 +8,9 @@ with one line saying how to install them.
     with TrtEngine("unet.engine", onnx_sha256=None) as eng:
         out = eng.infer({"x": x, "t": t})["out"]          # numpy in -> numpy out
 
+Every TensorRT and CUDA call goes through one `GpuLibs` (the two modules); tests pass stand-ins
+for both, so the bookkeeping (shapes, buffers, copies, graph decisions) runs on CPU too.
+
 The lifecycle follows NVIDIA's Python samples (TensorRT 10/11 name-based I/O API):
 Runtime.deserialize_cuda_engine -> create_execution_context -> set_input_shape /
 set_tensor_address per tensor -> execute_async_v3(stream).
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import numpy as np
 from ..engine_file import check_engine_compat, read_engine
 from ..errors import CxrError
 from .gpu_driver import check_driver
+from .ort_cuda import warn_fallback
 
 INSTALL_HINT = "pip install 'cxr-ddpm[gpu]'"
 
@@ -57,10 +61,23 @@ def _cuda_bindings_version() -> str | None:
         return None
 
 
-def cuda_call(result: Any) -> Any:
+@dataclass(frozen=True)
+class GpuLibs:
+    """The libraries TrtEngine calls: the `tensorrt` module and `cuda.bindings.runtime`."""
+    trt: Any
+    cudart: Any
+
+
+def gpu_libs() -> GpuLibs:
+    """The real ones; TensorRT first, so a machine without it gets that install line."""
+    trt = import_tensorrt()
+    return GpuLibs(trt, import_cudart())
+
+
+def cuda_call(result: Any, cudart: Any = None) -> Any:
     """cuda-python returns (err, *values): raise on error, unwrap the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
-    cudart = import_cudart()
+    cudart = cudart or import_cudart()
     if err != cudart.cudaError_t.cudaSuccess:
         raise CxrError(f"CUDA error {_error_name(cudart, err)}")
     return values[0] if len(values) == 1 else (tuple(values) if values else None)
@@ -71,13 +88,13 @@ def _error_name(cudart: Any, err: Any) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def gpu_info(device: int = 0) -> tuple[str, str]:
+def gpu_info(device: int = 0, cudart: Any = None) -> tuple[str, str]:
     """(GPU name, compute capability "major.minor") of `device`."""
-    cudart = import_cudart()
-    count = cuda_call(cudart.cudaGetDeviceCount())
+    cudart = cudart or import_cudart()
+    count = cuda_call(cudart.cudaGetDeviceCount(), cudart)
     if count <= device:
         raise CxrError(f"no CUDA GPU {device} (found {count})")
-    prop = cuda_call(cudart.cudaGetDeviceProperties(device))
+    prop = cuda_call(cudart.cudaGetDeviceProperties(device), cudart)
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
     return name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}"
 
@@ -107,18 +124,28 @@ def capture_decision(enqueue_ok: bool, end_capture_error: str) -> str:
     return "use" if enqueue_ok else "discard"
 
 
+def warmup_inputs(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype],
+                  null_class: int | None) -> dict[str, np.ndarray]:
+    """Valid inputs for the plain enqueue before graph capture. The buffers are fresh cudaMalloc
+    memory, and a garbage int64 `class` would index the class embedding out of bounds: zeros
+    everywhere (t = 0, no self-conditioning estimate), the null class (else 0) for `class`."""
+    fill = {"class": null_class or 0}
+    return {n: np.full(s, fill.get(n, 0), dtype=dtypes[n]) for n, s in shapes.items()}
+
+
 class TrtEngine:
     """One engine, one execution context, one stream; buffers sized for the current batch."""
 
     def __init__(self, path: str | Path, *, onnx_sha256: str | None = None, device: int = 0,
-                 header: tuple[dict[str, Any], int] | None = None) -> None:
-        """header: (metadata, plan offset) when the caller already read it (read_engine_header)."""
-        trt = import_tensorrt()
-        self._cudart = import_cudart()
+                 header: tuple[dict[str, Any], int] | None = None, libs: GpuLibs | None = None) -> None:
+        """header: (metadata, plan offset) when the caller already read it (read_engine_header);
+        libs: the TensorRT and CUDA modules (default: the installed ones)."""
+        libs = libs or gpu_libs()
+        trt, self._cudart = libs.trt, libs.cudart
         self.path = Path(path)
         self.meta, plan = read_engine(path, header)
-        cuda_call(self._cudart.cudaSetDevice(device))
-        name, cc = gpu_info(device)
+        self._check(self._cudart.cudaSetDevice(device))
+        name, cc = gpu_info(device, self._cudart)
         check_engine_compat(self.meta, trt_version=trt.__version__, gpu_name=name, compute_capability=cc,
                             onnx_sha256=onnx_sha256, source=str(path))
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -127,7 +154,7 @@ class TrtEngine:
         if self._engine is None:
             raise CxrError(f"{path}: TensorRT could not deserialize the plan (see the log above)")
         self._context = self._engine.create_execution_context()
-        self._stream = cuda_call(self._cudart.cudaStreamCreate())
+        self._stream = self._check(self._cudart.cudaStreamCreate())
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self._dtypes: dict[str, np.dtype] = {}
@@ -139,6 +166,7 @@ class TrtEngine:
         profile = self.meta["tensorrt"]["profile"]
         self.min_batch, self.max_batch = int(profile["min"]), int(profile["max"])
         self._buffers: dict[str, tuple[int, int]] = {}      # name -> (device pointer, nbytes)
+        self._in_shapes: dict[str, tuple[int, ...]] = {}
         self._host_out: dict[str, np.ndarray] = {}     # views of pinned host memory
         self._host_ptrs: list[int] = []
         self._batch: int | None = None
@@ -162,19 +190,19 @@ class TrtEngine:
             self._alloc(name, shape)
         for name, shape in out_shapes.items():
             self._host_out[name] = self._pinned(shape, self._dtypes[name])
-        self._batch = batch
+        self._in_shapes, self._batch = shapes, batch
 
     def _pinned(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Page-locked host buffer (cudaMallocHost) so the device->host copy is truly asynchronous."""
         nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
-        ptr = int(cuda_call(self._cudart.cudaMallocHost(nbytes)))
+        ptr = int(self._check(self._cudart.cudaMallocHost(nbytes)))
         self._host_ptrs.append(ptr)
         raw = (ctypes.c_byte * nbytes).from_address(ptr)
-        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+        return np.frombuffer(memoryview(raw), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
     def _alloc(self, name: str, shape: tuple[int, ...]) -> None:
         nbytes = int(np.prod(shape)) * self._dtypes[name].itemsize
-        ptr = cuda_call(self._cudart.cudaMalloc(max(nbytes, 1)))
+        ptr = self._check(self._cudart.cudaMalloc(max(nbytes, 1)))
         self._buffers[name] = (int(ptr), nbytes)
         self._context.set_tensor_address(name, int(ptr))
 
@@ -204,27 +232,31 @@ class TrtEngine:
         self._drop_graph()
         if self._graph_failed:
             return False
+        warm = warmup_inputs(self._in_shapes, self._dtypes, self.meta.get("null_class"))
+        self._copy_in(warm, on_device=False)     # the buffers are fresh: no garbage class ids
         self._enqueue()                          # TensorRT wants one plain enqueue before capture
-        cuda_call(cudart.cudaStreamSynchronize(self._stream))
+        self._check(cudart.cudaStreamSynchronize(self._stream))
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        cuda_call(cudart.cudaStreamBeginCapture(self._stream, mode))
+        self._check(cudart.cudaStreamBeginCapture(self._stream, mode))
         enqueue_ok = bool(self._context.execute_async_v3(self._stream))
         err, graph = cudart.cudaStreamEndCapture(self._stream)
-        decision = capture_decision(enqueue_ok, _error_name(cudart, err))
+        reason = _error_name(cudart, err)
+        decision = capture_decision(enqueue_ok, reason)
         if decision == "error":
-            cuda_call((err,))
+            self._check((err,))
         if decision == "use":
             err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
             cudart.cudaGraphDestroy(graph)
             if err == cudart.cudaError_t.cudaSuccess:
                 self._graph_exec = graph_exec
                 return True
+            reason = f"instantiate: {_error_name(cudart, err)}"
         elif decision == "discard":              # "fallback": capture invalidated, no graph was made
             cudart.cudaGraphDestroy(graph)
+            reason = "the enqueue failed while capturing"
         cudart.cudaGetLastError()                # clear the capture error
         self._graph_failed = True
-        print(f"{self.path}: CUDA graph capture failed; running TensorRT without a CUDA graph",
-              file=sys.stderr, flush=True)
+        warn_fallback(f"{self.path}: TensorRT CUDA graph capture failed", reason)   # one line, as ORT's
         return False
 
     def _drop_graph(self) -> None:
@@ -260,6 +292,32 @@ class TrtEngine:
             # the producers and the conversions above ran on CuPy's stream: finish them before
             # the engine's stream reads the memory
             cupy.cuda.get_current_stream().synchronize()
+        self._copy_in(arrays, on_device)
+        if self._graph_exec is not None:
+            self._check(cudart.cudaGraphLaunch(self._graph_exec, self._stream))
+        else:
+            self._enqueue()
+        out: dict[str, Any] = {}
+        for name in self.outputs:
+            ptr, nbytes = self._buffers[name]
+            if on_device:
+                import cupy
+                dst = cupy.empty(self._host_out[name].shape, self._dtypes[name])
+                self._check(cudart.cudaMemcpyAsync(dst.data.ptr, ptr, nbytes,
+                                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream))
+                out[name] = dst
+            else:
+                host = self._host_out[name]
+                self._check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, nbytes,
+                                                   cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+        self._check(cudart.cudaStreamSynchronize(self._stream))
+        if not on_device:
+            out = {n: self._host_out[n].copy() for n in self.outputs}   # callers may keep them
+        return out
+
+    def _copy_in(self, arrays: dict[str, Any], on_device: bool) -> None:
+        """Copy contiguous arrays of the engine's dtypes into the input buffers, on the engine's stream."""
+        cudart = self._cudart
         for name in self.inputs:
             ptr, nbytes = self._buffers[name]
             arr = arrays[name]
@@ -269,29 +327,11 @@ class TrtEngine:
                 src, kind = arr.ctypes.data, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
             if arr.nbytes != nbytes:
                 raise CxrError(f"{self.path}: input '{name}' has shape {tuple(arr.shape)}, the engine "
-                               f"expects {nbytes // self._dtypes[name].itemsize} elements at batch {batch}")
-            cuda_call(cudart.cudaMemcpyAsync(ptr, src, nbytes, kind, self._stream))
-        if self._graph_exec is not None:
-            cuda_call(cudart.cudaGraphLaunch(self._graph_exec, self._stream))
-        else:
-            self._enqueue()
-        out: dict[str, Any] = {}
-        for name in self.outputs:
-            ptr, nbytes = self._buffers[name]
-            if on_device:
-                import cupy
-                dst = cupy.empty(self._host_out[name].shape, self._dtypes[name])
-                cuda_call(cudart.cudaMemcpyAsync(dst.data.ptr, ptr, nbytes,
-                                                 cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream))
-                out[name] = dst
-            else:
-                host = self._host_out[name]
-                cuda_call(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, nbytes,
-                                                 cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
-        cuda_call(cudart.cudaStreamSynchronize(self._stream))
-        if not on_device:
-            out = {n: self._host_out[n].copy() for n in self.outputs}   # callers may keep them
-        return out
+                               f"expects {nbytes // self._dtypes[name].itemsize} elements at batch {self._batch}")
+            self._check(cudart.cudaMemcpyAsync(ptr, src, nbytes, kind, self._stream))
+
+    def _check(self, result: Any) -> Any:
+        return cuda_call(result, self._cudart)
 
     def close(self) -> None:
         if getattr(self, "_stream", None) is None:

@@ -1,60 +1,57 @@
-"""TensorRT backend: wraps `runtime.backends.tensorrt.TrtEngine` (export side) as a denoiser.
+"""TensorRT backend: wraps `runtime.backends.tensorrt.TrtEngine` as a denoiser.
 
-TrtEngine owns the engine lifecycle and device buffers (cuda-python or CuPy, never
-torch); this adapter only maps the denoiser call onto its named I/O and rebuilds
-config and schedule from the header metadata. Imported lazily: TensorRT is optional.
+TrtEngine owns the engine lifecycle and device buffers (cuda-python or CuPy, never torch);
+this adapter only sizes the engine for each batch and runs named feeds. What the engine's
+header says (config, schedule, I/O, null class) is the Artifact's, derived once in
+runtime/artifact.py as for every backend. Imported lazily: TensorRT is optional.
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
+from ..artifact import Artifact, open_artifact
+from ..denoiser import Denoiser
 from ..errors import CxrError
-from ..fsutil import file_sha256
-from ..interface import model_inputs
 
 
-class TrtDenoiser:
+class TrtDenoiser(Denoiser):
     backend = "tensorrt"
 
-    def __init__(self, path: str | Path, *, provider: str = "tensorrt", cuda_graph: bool = False,
-                 open_engine: bool = True) -> None:
-        """Reads and checks the header first (no TensorRT needed: `inspect` works anywhere);
-        open_engine=False stops there, without deserializing the plan."""
-        from ..engine_file import read_engine_info
-        self.path = Path(path)
-        info, offset = read_engine_info(self.path)      # read, parsed and checked once, here
-        self.meta: dict[str, Any] = info.meta
+    def __init__(self, path: str | Path | Artifact, *, provider: str = "tensorrt", cuda_graph: str | None = None,
+                 open_engine: bool = True, libs: Any = None, onnx_sha256: str | None = None) -> None:
+        """path: the engine file, or its Artifact when already opened (load_denoiser does). The
+        header is read and checked first (no TensorRT needed: `inspect` works anywhere);
+        open_engine=False stops there, without deserializing the plan.
+        cuda_graph: auto (default) | on | off. An engine always runs on CUDA, so auto is on, as for
+        ONNX Runtime's cuda provider: one graph per batch size, captured on the first call at that
+        size; a failed capture falls back to plain enqueue with one warning (and records off).
+        libs: tensorrt.GpuLibs, the TensorRT and CUDA modules (default: the installed ones).
+        onnx_sha256: refuse unless the engine was built from the ONNX file with this hash."""
+        from .ort_cuda import resolve_cuda_graph
+        artifact = path if isinstance(path, Artifact) else open_artifact(path, "tensorrt")
+        super().__init__(artifact, provider="tensorrt")
+        self.cuda_graph = resolve_cuda_graph(cuda_graph, "cuda")
         self.engine: Any = None
         if open_engine:
             if provider not in ("tensorrt", "cuda"):
                 raise CxrError(f"--provider {provider}: a TensorRT engine runs only on the GPU "
                                f"(use --provider tensorrt, or an .onnx file for cpu)")
             from .tensorrt import TrtEngine
-            self.engine = TrtEngine(self.path, header=(info.meta, offset))
-        self.config, self.schedule = info.config, info.schedule
-        self.provider = "tensorrt"
-        self.self_condition = bool(self.meta.get("self_condition", self.config.model.self_condition))
-        self.null_class = self.meta.get("null_class")
-        self.input_names = [i["name"] for i in self.meta.get("io", {}).get("inputs", [])] or ["x", "t"]
-        self.cuda_graph = cuda_graph
+            header = None if artifact.plan_offset is None else (artifact.meta, artifact.plan_offset)
+            self.engine = TrtEngine(self.path, header=header, libs=libs, onnx_sha256=onnx_sha256)
         self._batch: int | None = None
 
-    @functools.cached_property
-    def sha256(self) -> str:
-        """sha256 of the artifact file, read once, when a record first needs it."""
-        return file_sha256(self.path)
-
-    def __call__(self, x: Any, t: Any, x_self_cond: Any = None, classes: Any = None) -> Any:
-        feeds = model_inputs(self.input_names, x, t, x_self_cond, classes, self.null_class)
-        if self._batch != x.shape[0]:
-            if self.cuda_graph:
-                self.engine.capture_graph(int(x.shape[0]))   # allocates; falls back to plain enqueue
+    def run(self, feeds: dict[str, Any]) -> Any:
+        batch = int(feeds["x"].shape[0])
+        if self._batch != batch:
+            if self.cuda_graph:                  # allocates; False after a fallback (recorded)
+                self.cuda_graph = self.engine.capture_graph(batch)
             else:
-                self.engine.allocate(int(x.shape[0]))
-            self._batch = int(x.shape[0])
+                self.engine.allocate(batch)
+            self._batch = batch
         return self.engine.infer(feeds)["out"]
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
