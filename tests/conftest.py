@@ -1,10 +1,13 @@
 """Shared fixtures: real radiographs, the tiny config, a freshly initialised tiny checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -50,6 +53,21 @@ def assert_user_error(res, *needles: str, progress: bool = False) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted on `folder` (a full disk as production delivers it); skips
+    the test with the reason where mounting is not permitted; unmounted afterwards."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.fixture(scope="session")

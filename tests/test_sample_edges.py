@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import assert_user_error
+from conftest import assert_user_error, small_tmpfs
 from builders import lucidrains_file, run, sample
 
 
@@ -48,12 +48,7 @@ def test_non_finite_model_output_stops_with_the_step(onnx_path: Path, tmp_path: 
 
 
 def test_disk_full_keeps_and_lists_every_complete_image(onnx_path: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "small"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "small", "96k") as disk:
         res = sample(onnx_path, disk / "out", "-n", "64", "--steps", "2", "--batch-size", "4",
                      "--format", "png16")
         assert_user_error(res, "cannot write (No space left on device)", "complete images are kept and listed",
@@ -65,8 +60,6 @@ def test_disk_full_keeps_and_lists_every_complete_image(onnx_path: Path, tmp_pat
         assert not list(out.glob(".*.tmp"))                                 # nothing half-written
         from cxr_ddpm.runtime.fsutil import file_sha256
         assert all(file_sha256(out / e["file"]) == e["sha256"] for e in rec["images"])
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def _dcm(path: Path):

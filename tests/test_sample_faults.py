@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import assert_user_error
+from conftest import assert_user_error, small_tmpfs
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import file_sha256
 from builders import run, sample
@@ -231,12 +231,7 @@ def test_grid_that_is_a_folder_is_refused_before_sampling(onnx_path: Path, tmp_p
 
 
 def test_grid_failing_at_the_end_leaves_the_set_complete(onnx_path: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "full"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "full", "16k") as disk:
         fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)   # fill it: the grid cannot be written
         with pytest.raises(OSError):
             while True:
@@ -247,8 +242,6 @@ def test_grid_failing_at_the_end_leaves_the_set_complete(onnx_path: Path, tmp_pa
                           "the set itself is complete", progress=True)
         rec = _consistent(tmp_path / "s", 3)
         assert rec["grid"] is None and (tmp_path / "s" / "manifest.csv").is_file()
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_rerun_with_nothing_to_make_claims_no_grid(onnx_path: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_user_error
+from conftest import assert_user_error, small_tmpfs
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.train import resume as ckpt
 from cxr_ddpm.train.checkpoint import load_checkpoint
@@ -138,14 +138,8 @@ def test_kill9_after_complete_resume_writes_the_consolidated_file(tmp_path, cxr_
 # item 5: a full disk mid-save
 
 def test_full_disk_during_save_one_line_no_hang(tmp_path, cxr_mini):
-    disk = tmp_path / "disk"
-    disk.mkdir()
     # one checkpoint of the tiny model takes ~5.6 MB: the step-2 save fits, the step-4 save does not
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
         out = disk / "run"
         # workers > 0: they ignore SIGTERM, which made the failed run hang at exit for good
         res = run(fit_cmd(cxr_mini, out, "train.steps=4", "train.save_every=2", "data.num_workers=1"))
@@ -154,8 +148,6 @@ def test_full_disk_during_save_one_line_no_hang(tmp_path, cxr_mini):
                           progress=True)
         assert ckpt.find_resume(out, "auto").name == "step_00000002"
         assert load_checkpoint(out).step == 2
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_crash_with_loader_workers_alive_exits(tmp_path, cxr_mini):
