@@ -3,7 +3,10 @@
     cxr-export onnx --ckpt runs/tiny --precision fp16          # -> runs/tiny/checkpoints/step_..fp16.onnx
     cxr-export onnx --ckpt model-10.pt --config configs/cxr128.yaml --out unet.onnx
     cxr-export trt --onnx unet.fp16.onnx --batch 1:8:32 --timing-cache trt.cache   # fp16: the ONNX's precision
-    cxr-export verify unet.fp16.onnx --ckpt runs/tiny
+    cxr-export verify unet.fp16.onnx --ckpt runs/tiny            # at the sizes of the ONNX's batch range
+    cxr-export verify unet.fp16.onnx --ckpt runs/tiny --batch 1:2:3
+
+--batch is one syntax for all three commands (export/batch.py): MIN:OPT:MAX, or N for N:N:N.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import click
 
 from cxr_ddpm.runtime.errors import TRAIN_MODULES, CxrError, OneLineGroup, cli_errors, require_extra
 from cxr_ddpm.runtime.fsutil import check_output_file
+
+from .batch import VERIFY_DEFAULT, batch_text, parse_batch
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,23 +38,15 @@ def _config(path: str | None) -> dict:
     return {"config": cfg, "derive_diffusion": derive}
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise CxrError(f"--batch {text!r}: expected comma-separated batch sizes >= 1, e.g. 1,3")
-    return sizes
-
-
 @main.command("onnx")
 @click.option("--ckpt", required=True, help="Checkpoint .safetensors, run folder (newest checkpoint) or lucidrains model-N.pt.")
 @click.option("--config", "config_path", default=None, help="Config file describing a lucidrains model-N.pt.")
 @click.option("--out", default=None, help="Output .onnx (default: beside the checkpoint).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA (default) or online weights.")
 @click.option("--opset", default=None, type=int, help="ONNX opset (default 18, minimum 17).")
-@click.option("--batch", default="1:4:16", show_default=True, help="MIN:OPT:MAX batch recorded for TensorRT profiles.")
+@click.option("--batch", default="1:4:16", show_default=True,
+              help="MIN:OPT:MAX (or N for N:N:N): the batch range the ONNX records (cxr-export trt's "
+                   "default profile).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="ORT vs PyTorch parity before writing.")
 @click.option("--atol", default=None, type=float, help="Tolerance on max error / output std (default 1e-4 fp32, 2e-2 fp16).")
@@ -58,7 +55,6 @@ def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, ops
              precision: str, verify: bool, atol: float | None) -> None:
     """Export the U-Net denoiser to ONNX with its metadata; verify; write atomically."""
     from .onnx_export import DEFAULT_OPSET, check_opset, export_onnx
-    from .trt_build import parse_batch
     bounds = parse_batch(batch)
     check_opset(opset if opset is not None else DEFAULT_OPSET)
     res = export_onnx(ckpt, out, **_config(config_path), ema=ema, batch=bounds,
@@ -78,14 +74,16 @@ def onnx_cmd(ckpt: str, config_path: str | None, out: str | None, ema: bool, ops
 @click.option("--out", default=None, help="Output engine file (default: beside the ONNX).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="Engine precision; it must be the ONNX's own (the default).")
-@click.option("--batch", default=None, help="MIN:OPT:MAX optimization profile (default: the ONNX's).")
+@click.option("--batch", default=None,
+              help="MIN:OPT:MAX (or N for N:N:N): the engine's optimization profile [default: the range the "
+                   "ONNX records].")
 @click.option("--timing-cache", default=None, help="Timing cache file: loaded if present, saved after the build.")
 @click.option("--workspace", default=4.0, type=float, show_default=True, help="Builder workspace limit in GB.")
 @cli_errors
 def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str | None, timing_cache: str | None,
             workspace: float) -> None:
     """Build a TensorRT engine (header with metadata + plan) from a cxr-export ONNX."""
-    from .trt_build import build_engine, parse_batch
+    from .trt_build import build_engine
     bounds = parse_batch(batch) if batch is not None else None
     if out is not None:                  # a folder fails only at the final rename, after the build
         check_output_file(out, example="unet.engine")
@@ -117,19 +115,21 @@ def inception_cmd(weights: Path | None, out: Path) -> None:
 @click.option("--config", "config_path", default=None, help="Config file for a lucidrains model-N.pt.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnxruntime provider for ONNX artifacts.")
-@click.option("--batch", default="1,3", show_default=True, help="Comma-separated batch sizes to check.")
+@click.option("--batch", default=None,
+              help=f"MIN:OPT:MAX (or N for N:N:N): check its distinct sizes [default: the range the artifact "
+                   f"records, else {batch_text(VERIFY_DEFAULT)}].")
 @click.option("--atol", default=None, type=float, help="Tolerance on max error / output std.")
 @click.option("--onnx", "onnx_path", default=None, help="For engines: refuse unless built from this ONNX.")
 @cli_errors
-def verify_cmd(artifact: str, ckpt: str, config_path: str | None, provider: str, batch: str,
+def verify_cmd(artifact: str, ckpt: str, config_path: str | None, provider: str, batch: str | None,
                atol: float | None, onnx_path: str | None) -> None:
     """Re-run the parity check of an ONNX file or TensorRT engine against its checkpoint."""
     from cxr_ddpm.runtime.fsutil import file_sha256
     from .verify import verify_artifact
-    sizes = _batch_sizes(batch)
+    bounds = parse_batch(batch) if batch is not None else None
     onnx_sha = file_sha256(onnx_path) if onnx_path else None
     report = verify_artifact(artifact, ckpt, **_config(config_path), provider=provider,
-                             batches=sizes, tol=atol, onnx_sha256=onnx_sha)
+                             batch=bounds, tol=atol, onnx_sha256=onnx_sha)
     click.echo(report.table())
     if not report.ok:
         raise CxrError(f"{artifact}: verification failed: {report.summary()}")

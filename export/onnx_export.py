@@ -32,12 +32,13 @@ from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
 from cxr_ddpm.train.model import Denoiser
 
+from .batch import Batch, check_batch
 from .verify import VerifyReport, check_parity, default_tolerance
 
 MIN_OPSET = 17          # LayerNormalization is opset 17; TensorRT 10 parses 17+
 MAX_OPSET = 23          # newest opset torch 2.14's exporter emits
 DEFAULT_OPSET = 18      # GroupNormalization-capable, parsed by TensorRT 10/11 and ORT >= 1.14
-DEFAULT_BATCH = (1, 4, 16)
+DEFAULT_BATCH: Batch = (1, 4, 16)
 EXPORTERS = ("dynamo", "legacy")
 
 
@@ -66,7 +67,7 @@ def newer_resume_state(ckpt: Path, step: int) -> Path | None:
     (the newest consolidated one), i.e. a run killed between COMPLETE and the consolidated file."""
     if not ckpt.is_dir():
         return None
-    from cxr_ddpm.train.resume import DS_DIR, complete_checkpoints
+    from cxr_ddpm.train.state import DS_DIR, complete_checkpoints
     done = complete_checkpoints(ckpt / DS_DIR)
     return done[-1][1] if done and done[-1][0] > step else None
 
@@ -77,7 +78,7 @@ def default_onnx_path(ckpt: Checkpoint, precision: str) -> Path:
 
 
 def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Config | None = None,
-                ema: bool = True, opset: int = DEFAULT_OPSET, batch: tuple[int, int, int] = DEFAULT_BATCH,
+                ema: bool = True, opset: int = DEFAULT_OPSET, batch: Batch = DEFAULT_BATCH,
                 precision: str = "fp32", verify: bool = True, atol: float | None = None,
                 verify_batches: tuple[int, ...] = (1, 3), exporter: str = "auto",
                 log: Any = None, derive_diffusion: bool = False) -> ExportResult:
@@ -89,9 +90,7 @@ def export_onnx(ckpt: str | Path, out: str | Path | None = None, *, config: Conf
         raise CxrError(f"--precision {precision!r}: ONNX export supports fp32 and fp16")
     if exporter not in ("auto", *EXPORTERS):
         raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
-    lo, opt, hi = batch
-    if not 1 <= lo <= opt <= hi:
-        raise CxrError(f"--batch {lo}:{opt}:{hi}: need 1 <= MIN <= OPT <= MAX")
+    lo, opt, hi = check_batch(batch)
     if out is not None:                      # fail on a folder or an unwritable target before minutes of work
         check_output_file(out, example="unet.onnx")
 

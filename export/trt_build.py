@@ -4,9 +4,9 @@ Precision comes from the ONNX on both TensorRT 10 and 11: TensorRT 11 builds eve
 network strongly typed (no FP16/BF16 builder flags); on 10 we ask for the same
 (`STRONGLY_TYPED`), so an fp16 engine needs an fp16 ONNX (`cxr-export onnx
 --precision fp16`, which keeps the time embedding fp32) and TF32 is cleared.
-Those rules live in the small pure functions below (`plan_build`, `parse_batch`,
-`profile_shapes`, `engine_metadata`), unit-tested without TensorRT; `build_engine`
-is the only code that touches TensorRT itself.
+Those rules live in the small pure functions below (`plan_build`, `profile_shapes`,
+`engine_metadata`), unit-tested without TensorRT; `build_engine` is the only code that
+touches TensorRT itself. The --batch syntax is export/batch.py's, shared with onnx and verify.
 """
 from __future__ import annotations
 
@@ -21,20 +21,10 @@ from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir, file_sha256
 from cxr_ddpm.runtime.metadata import read_onnx_metadata
 
+from .batch import Batch, batch_text, recorded_batch
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 MIN_TRT_MAJOR = 10
-_BATCH_RE = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*:\s*(\d+)\s*)?$")
-
-
-def parse_batch(text: str, flag: str = "--batch") -> tuple[int, int, int]:
-    """'MIN:OPT:MAX' (or one number N meaning N:N:N) -> (min, opt, max), 1 <= min <= opt <= max."""
-    m = _BATCH_RE.match(str(text))
-    if not m:
-        raise CxrError(f"{flag} {text!r}: expected MIN:OPT:MAX (e.g. 1:4:16) or one number")
-    lo, opt, hi = (int(m.group(1)),) * 3 if m.group(2) is None else map(int, m.groups())
-    if not 1 <= lo <= opt <= hi:
-        raise CxrError(f"{flag} {text!r}: need 1 <= MIN <= OPT <= MAX")
-    return lo, opt, hi
 
 
 def trt_major(version: str) -> int:
@@ -83,7 +73,7 @@ def plan_build(trt_version: str, precision: str | None, onnx_precision: str) -> 
     return BuildPlan(precision=precision, strongly_typed=major == 10, clear_flags=("TF32",))
 
 
-def profile_shapes(io: dict[str, Any], batch: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_shapes(io: dict[str, Any], batch: Batch) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Per input: (min, opt, max) shapes, the batch axis ("B" in the metadata) set from `batch`."""
     out = {}
     for spec in io["inputs"]:
@@ -93,7 +83,7 @@ def profile_shapes(io: dict[str, Any], batch: tuple[int, int, int]) -> dict[str,
 
 
 def engine_metadata(onnx_meta: dict[str, Any], *, trt_version: str, gpu: str, compute_capability: str,
-                    onnx_sha256: str, precision: str, batch: tuple[int, int, int],
+                    onnx_sha256: str, precision: str, batch: Batch,
                     tf32: bool = False) -> dict[str, Any]:
     """The ONNX document, re-labelled kind="tensorrt", plus where and how the engine was built."""
     lo, opt, hi = batch
@@ -110,9 +100,10 @@ def default_engine_path(onnx_path: Path, precision: str) -> Path:
 
 
 def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precision: str | None = None,
-                 batch: tuple[int, int, int] | None = None, timing_cache: str | Path | None = None,
+                 batch: Batch | None = None, timing_cache: str | Path | None = None,
                  workspace_gb: float = 4.0, device: int = 0) -> Path:
-    """ONNX -> engine file (header + plan), written atomically. Returns the engine path."""
+    """ONNX -> engine file (header + plan), written atomically. Returns the engine path.
+    batch: the optimization profile (min, opt, max); None = the range the ONNX records."""
     trt = import_tensorrt()                            # the one-line install hint comes first
     onnx_path = Path(onnx_path)
     meta = read_onnx_metadata(onnx_path)               # refuses non-cxr-ddpm ONNX before any GPU work
@@ -122,9 +113,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
     ensure_writable_dir(out.parent or Path("."))
     if workspace_gb <= 0:
         raise CxrError(f"--workspace {workspace_gb}: must be > 0 GB")
-    if batch is None:
-        rec = meta.get("batch") or {}
-        batch = (int(rec.get("min", 1)), int(rec.get("opt", 1)), int(rec.get("max", 1)))
+    batch = batch or recorded_batch(meta) or (1, 1, 1)
     cuda_call(import_cudart().cudaSetDevice(device))   # the builder uses the current device
     gpu, cc = gpu_info(device)
 
@@ -156,7 +145,7 @@ def build_engine(onnx_path: str | Path, out: str | Path | None = None, *, precis
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     print(f"building TensorRT {trt.__version__} {precision} engine for {gpu} (sm {cc}), "
-          f"batch {batch[0]}:{batch[1]}:{batch[2]} (this takes minutes)...", flush=True)
+          f"batch {batch_text(batch)} (this takes minutes)...", flush=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CxrError(f"{onnx_path}: TensorRT engine build failed (see the log above)")

@@ -1,7 +1,8 @@
 """Parity of an exported artifact against the PyTorch U-Net it came from.
 
 The same inputs go through both: x ~ N(0, 1) (the noisy-image scale), t at the
-start, middle and end of the schedule, for batch sizes 1 and 3 by default. The
+start, middle and end of the schedule, at the distinct sizes of a batch range
+(verify_artifact: by default the range the artifact records, batch.py). The
 error reported per case is max|artifact - torch| and that divided by the
 reference output's std ("rel"): a U-Net's output scale differs between models
 and timesteps, so the tolerance applies to the scaled error. Defaults: 1e-4 for
@@ -24,6 +25,8 @@ from cxr_ddpm.runtime.artifact import Artifact
 from cxr_ddpm.runtime.denoiser import Denoiser
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.interface import io_spec, random_inputs
+
+from .batch import VERIFY_DEFAULT, Batch, batch_sizes, batch_text, recorded_batch
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -142,9 +145,12 @@ def check_parity(onnx_path: str | Path, wrapper: Any, cfg: Config, *, precision:
 
 
 def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | None = None,
-                    provider: str = "cpu", batches: tuple[int, ...] = (1, 3), tol: float | None = None,
+                    provider: str = "cpu", batch: Batch | None = None, tol: float | None = None,
                     onnx_sha256: str | None = None, derive_diffusion: bool = False) -> VerifyReport:
-    """Re-run the parity check on an ONNX file or engine against the checkpoint it came from."""
+    """Re-run the parity check on an ONNX file or engine against the checkpoint it came from,
+    at the distinct sizes of `batch` (min, opt, max). None: the range the artifact records (an
+    engine's profile, an ONNX's export range), else batch.VERIFY_DEFAULT. An engine refuses a
+    range outside its profile."""
     from cxr_ddpm.runtime.artifact import open_artifact
     from cxr_ddpm.train.checkpoint import load_checkpoint
     from cxr_ddpm.train.model import Denoiser as DenoiserNet
@@ -156,6 +162,11 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
     if art.kind == "checkpoint":
         raise CxrError(f"{artifact}: is a checkpoint; verify checks an ONNX model or TensorRT engine against one")
     engine, meta = art.kind == "tensorrt", art.meta
+    recorded = recorded_batch(meta)
+    batches = batch_sizes(batch or recorded or VERIFY_DEFAULT)
+    if engine and recorded and batch and not recorded[0] <= batches[0] <= batches[-1] <= recorded[2]:
+        raise CxrError(f"--batch {batch_text(batch)}: outside the engine's profile {batch_text(recorded)}; "
+                       "leave --batch out to check the profile's own sizes")
     ck = load_checkpoint(ckpt, config, derive_diffusion=derive_diffusion)
     src = meta.get("source") or {}
     if src.get("checkpoint_sha256") and ck.sha256 and src["checkpoint_sha256"] != ck.sha256:
@@ -170,8 +181,6 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
     if engine:
         from cxr_ddpm.runtime.backends.trt_adapter import TrtDenoiser
         trt = meta["tensorrt"]
-        batches = tuple(b for b in batches if trt["profile"]["min"] <= b <= trt["profile"]["max"]) \
-            or (trt["profile"]["opt"],)
         den = TrtDenoiser(art, cuda_graph="off", onnx_sha256=onnx_sha256)
         precision, backend = trt["precision"], "tensorrt"
     else:

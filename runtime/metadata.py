@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import io
 import json
 import os
@@ -130,8 +131,10 @@ def schedule_from_metadata(meta: dict[str, Any], source: str, spec: Any = None) 
     return schedule
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """Commit of the source tree this package runs from, when it is a git checkout."""
+    """Commit of the source tree this package runs from, when it is a git checkout. Asked once
+    per process (every checkpoint save records it): the code that runs does not change meanwhile."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

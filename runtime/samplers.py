@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import CxrError
 from .schedule import Schedule, eps_from_x0, x0_from_eps, x0_from_v
-from .timesteps import check_steps, ddim_pairs, ddpm_pairs, default_time_grid, ode_pairs
+from .timesteps import ddim_pairs, ddpm_pairs, default_time_grid, ode_pairs
 
 Array = Any                                   # numpy.ndarray or cupy.ndarray
 Denoise = Callable[..., Array]                # (x, t[, x_self_cond]) -> raw model output
@@ -88,10 +88,11 @@ def sample_ddpm(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int 
     """Ancestral sampling over all T levels (Ho et al. 2020; lucidrains `p_sample_loop`).
 
     x_{t-1} = coef1_t * x0 + coef2_t * x_t + sqrt(posterior_var_t) * z, no z at t = 0.
+    `steps`: None or T (resolve_steps refuses a user's other value, naming the flag).
     """
     T = schedule.timesteps
-    if steps not in (None, T):
-        raise CxrError(f"steps={steps}: ddpm runs all T={T} steps; use ddim or dpmpp-2m for fewer")
+    if steps not in (None, T):         # a library caller's slip: it would silently run all T steps
+        raise ValueError(f"steps={steps}: ddpm runs all T={T} steps")
     if noise is None:
         raise ValueError("sample_ddpm needs a noise source")
     coef1, coef2, var = schedule.posterior()
@@ -114,8 +115,8 @@ def sample_ddim(denoise: Denoise, x_T: Array, schedule: Schedule, *, steps: int,
                 self_condition: bool = False) -> Array:
     """DDIM (Song et al. 2021) on lucidrains' grid, `eta` = 0 deterministic, 1 ~ ancestral."""
     eta = float(eta or 0.0)
-    if eta < 0:
-        raise CxrError(f"eta={eta} must be >= 0")
+    if eta < 0:                        # resolve_request refuses a user's --eta; this is a library slip
+        raise ValueError(f"eta={eta} must be >= 0")
     if eta > 0 and noise is None:
         raise ValueError("sample_ddim with eta > 0 needs a noise source")
     ac = schedule.alphas_cumprod
@@ -192,6 +193,9 @@ def get_sampler(name: str) -> Callable[..., Array]:
 
 def resolve_steps(sampler: str, steps: int | None, timesteps: int, what: str = "steps") -> int:
     """Model calls a run will make: T for ddpm, `steps` (or the sampler's default) otherwise.
+
+    The one check of a user's steps (sampling.resolve_request calls it; the samplers and grid
+    builders below it take the result as given): an integer in 1..T, one model call each.
     `what` names the parameter in errors (the CLI passes its flag)."""
     get_sampler(sampler)
     if sampler == "ddpm":
@@ -200,5 +204,10 @@ def resolve_steps(sampler: str, steps: int | None, timesteps: int, what: str = "
                            "for fewer")
         return timesteps
     steps = min(DEFAULT_STEPS[sampler], timesteps) if steps is None else steps
-    return check_steps(steps, timesteps, what)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise CxrError(f"{what} must be an integer, got {steps!r}")
+    if not 1 <= steps <= timesteps:
+        raise CxrError(f"{what}={steps} is out of range: the model has T={timesteps} noise levels, "
+                       f"so use 1..{timesteps}")
+    return int(steps)
 

@@ -3,22 +3,24 @@
 t_prev = -1 means "the clean image": the last pair's step returns the x0 prediction,
 as lucidrains' `ddim_sample` does. Explicit pairs sidestep the off-by-one in
 diffusers' DDIM prev-timestep arithmetic (huggingface/diffusers #11347, #12633).
+
+The builders are pure functions of already-validated settings: a user's steps and time
+grid are checked once, with the flag named, where the request is resolved
+(samplers.resolve_steps, sampling.resolve_request). `_require_steps` only guards the
+precondition against a library caller that skipped that (ValueError, a programmer error).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import CxrError
 
-
-def check_steps(steps: int, timesteps: int, what: str = "steps") -> int:
-    """Sampling steps must be in 1..T (one model call each); CxrError otherwise."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise CxrError(f"{what} must be an integer, got {steps!r}")
-    if not 1 <= steps <= timesteps:
-        raise CxrError(f"{what}={steps} is out of range: the model has T={timesteps} noise levels, "
-                       f"so use 1..{timesteps}")
-    return int(steps)
+def _require_steps(steps: int, timesteps: int) -> None:
+    """Precondition of the grid builders: an integer 1 <= steps <= T. Kept because breaking it
+    is silent otherwise: steps=0 gives an empty DDIM grid (the starting noise comes back as the
+    "sample"), and more ODE calls than levels walk into negative timesteps."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= timesteps:
+        raise ValueError(f"steps={steps!r}: a grid needs an integer in 1..T={timesteps} "
+                         "(samplers.resolve_steps checks and names a user's value)")
 
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -46,8 +48,9 @@ def ddim_pairs(timesteps: int, steps: int) -> list[tuple[int, int]]:
     """lucidrains' DDIM grid: `torch.linspace(-1, T-1, S+1).int()`, reversed, paired.
 
     S = T gives [(T-1, T-2), ..., (0, -1)]. Exactness matters for parity tests.
+    Precondition: 1 <= steps <= T (ValueError otherwise).
     """
-    check_steps(steps, timesteps)
+    _require_steps(steps, timesteps)
     times = np.trunc(torch_linspace_f32(-1.0, timesteps - 1.0, steps + 1)).astype(np.int64)
     times = [int(v) for v in times[::-1]]
     return list(zip(times[:-1], times[1:]))
@@ -104,12 +107,13 @@ def ode_pairs(alphas_cumprod: np.ndarray, steps: int, grid: str = LEGACY_GRID) -
       from t ~ T/S. For comparison (tests/test_samplers.py pins it to diffusers).
 
     "time-uniform" and "time-quadratic" end with a call at t = 0, as the T-step DDIM reference does.
+    Preconditions: 1 <= steps <= T, grid in TIME_GRIDS (ValueError otherwise).
     """
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     T = len(ac)
-    check_steps(steps, T)
-    if grid not in TIME_GRIDS:
-        raise CxrError(f"time grid {grid!r} is unknown (valid: {', '.join(TIME_GRIDS)})")
+    _require_steps(steps, T)
+    if grid not in TIME_GRIDS:         # else it would silently run the last branch's grid
+        raise ValueError(f"time grid {grid!r} is unknown (valid: {', '.join(TIME_GRIDS)})")
     if steps == 1:                         # one call: straight from pure noise to x0
         return [(T - 1, -1)]
     if grid == "linspace":

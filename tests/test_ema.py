@@ -98,7 +98,7 @@ def test_bf16_ema_is_fed_the_fp32_masters(tmp_path, cxr_mini, tiny_cfg):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from builders import fit_cmd, run_ok
 
-    from cxr_ddpm.train.resume import seed_everything
+    from cxr_ddpm.train.state import seed_everything
 
     run = tmp_path / "run"
     # DeepSpeed's WarmupLR runs steps 1 and 2 at lr 0 (warmup 1): steps 3 and 4 train

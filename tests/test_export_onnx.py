@@ -112,18 +112,24 @@ def test_fp16_export_keeps_fp32_io_and_verifies(fp16_export: Path, fp32_export, 
     big = [i for i in model.graph.initializer if np.prod(i.dims) >= 64]
     assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
     assert fp16_export.stat().st_size < 0.7 * fp32_export.size_bytes
-    res = run_cli("verify", fp16_export, "--ckpt", tiny_ckpt)
+    res = run_cli("verify", fp16_export, "--ckpt", tiny_ckpt)          # no --batch: the range the ONNX records
     assert res.exit_code == 0, res.output
     assert "ok: worst error" in res.stdout and "fp16" in res.stdout
+    rows = [ln.split() for ln in res.stdout.splitlines() if ln.split()[-1:] in (["yes"], ["NO"])]
+    rec = meta["batch"]
+    assert sorted({int(r[1]) for r in rows}) == sorted({rec["min"], rec["opt"], rec["max"]}) == [1, 4, 16]
 
 
 def test_verify_command_fp32(fp32_export, tiny_ckpt: Path) -> None:
     res = run_cli("verify", fp32_export.path, "--ckpt", tiny_ckpt.parent, "--batch", "2")  # run-folder-like dir
     # tiny_ckpt's folder is not a run folder (no checkpoints/), so resolve refuses it clearly
     assert_one_line_error(res, "holds no consolidated checkpoint")
-    res = run_cli("verify", fp32_export.path, "--ckpt", tiny_ckpt, "--batch", "2")
+    res = run_cli("verify", fp32_export.path, "--ckpt", tiny_ckpt, "--batch", "2")    # N = N:N:N
     assert res.exit_code == 0, res.output
-    assert res.stdout.count("yes") == 3
+    assert res.stdout.count("yes") == 3                               # 3 timesteps x batch 2
+    res = run_cli("verify", fp32_export.path, "--ckpt", tiny_ckpt, "--batch", "1:1:3")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.count("yes") == 6                               # 3 timesteps x batches 1 and 3
 
 
 def test_verify_detects_tampered_onnx(fp32_export, tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -237,14 +243,14 @@ def test_run_folder_export_names_its_step(tmp_path: Path, tiny_cfg, fast_exporte
     """A run folder exports its newest consolidated checkpoint, and says which; a newer complete
     exact-resume state without its consolidated file (a run killed between the two) is named.
     A temp file left at the target by an export killed mid-write (kill -9 runs no cleanup) goes."""
-    from cxr_ddpm.train import resume as ckpt
+    from cxr_ddpm.train import state
     run = tmp_path / "run"
     sd = build_unet(tiny_cfg.model).state_dict()
     older = save_checkpoint(run / "checkpoints" / "step_00000010.safetensors", cfg=tiny_cfg, step=10,
                             class_names=[], ema=sd, online=sd)
-    newer = run / ckpt.DS_DIR / "step_00000020"
+    newer = run / state.DS_DIR / "step_00000020"
     newer.mkdir(parents=True)
-    ckpt.mark_complete(newer, {"step": 20})
+    state.mark_complete(newer, {"step": 20})
     out = tmp_path / "onnx" / "unet.onnx"
     out.parent.mkdir()
     (out.parent / ".unet.onnx.k1ll3d.tmp").write_bytes(b"half an onnx")

@@ -1,31 +1,24 @@
-"""cxr-export trt: version branching and profile parsing without TensorRT; a real build where it exists."""
+"""cxr-export trt: version branching, profiles and verify's engine checks without TensorRT; a real build where it can."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_user_error
 from cxr_ddpm.export.cli import main
-from cxr_ddpm.export.trt_build import (BuildPlan, engine_metadata, parse_batch, plan_build, profile_shapes,
-                                       trt_major)
+from cxr_ddpm.export.trt_build import BuildPlan, engine_metadata, plan_build, profile_shapes, trt_major
 from cxr_ddpm.runtime.backends.gpu_driver import driver_problem
 from cxr_ddpm.runtime.backends.tensorrt import capture_decision, shape_problem
+from cxr_ddpm.runtime.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
+from cxr_ddpm.runtime.interface import io_spec
+from cxr_ddpm.runtime.metadata import build_metadata
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-@pytest.mark.parametrize("text, want", [("1:4:16", (1, 4, 16)), ("8", (8, 8, 8)), (" 2 : 2 : 3 ", (2, 2, 3))])
-def test_parse_batch(text: str, want: tuple) -> None:
-    assert parse_batch(text) == want
-
-
-@pytest.mark.parametrize("text", ["4:2:8", "a:b:c", "0:1:2", "1:2", "1:2:3:4", "", "-1:2:3", "1.5:2:3"])
-def test_parse_batch_refuses(text: str) -> None:
-    with pytest.raises(CxrError, match=r"^--batch "):
-        parse_batch(text)
 
 
 def test_trt_major() -> None:
@@ -125,7 +118,24 @@ def test_cli_without_tensorrt_says_how_to_install(tmp_path: Path) -> None:
 
 def test_cli_bad_batch_before_anything(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["trt", "--onnx", str(tmp_path / "a.onnx"), "--batch", "4:2:8"])
-    assert res.exit_code == 2 and res.stderr.strip().startswith("error: --batch '4:2:8'")
+    assert res.exit_code == 2 and res.stderr.strip().startswith("error: --batch 4:2:8: need 1 <= MIN")
+
+
+def test_verify_refuses_a_range_outside_the_engine_profile(tiny_cfg: Any, tmp_path: Path) -> None:
+    """A real engine header with profile 1:2:4: sizes it cannot run are refused in one line, from the
+    header alone (before the checkpoint, missing here, is loaded)."""
+    onnx_doc = build_metadata(tiny_cfg, kind="onnx", class_names=[], precision="fp32", io=io_spec(tiny_cfg.model))
+    meta = engine_metadata(onnx_doc, trt_version="10.13.0.35", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+                           onnx_sha256="ab" * 32, precision="fp32", batch=(1, 2, 4))
+    engine = tmp_path / "unet.engine"
+    write_engine(engine, meta, b"{}")
+    missing = tmp_path / "missing.safetensors"
+    for batch in ("1:4:8", "5", "1:1:5"):
+        res = CliRunner().invoke(main, ["verify", str(engine), "--ckpt", str(missing), "--batch", batch])
+        assert_user_error(res, f"--batch {batch if ':' in batch else ':'.join([batch] * 3)}: outside the "
+                               "engine's profile 1:2:4")
+    res = CliRunner().invoke(main, ["verify", str(engine), "--ckpt", str(missing), "--batch", "2:3:4"])
+    assert_user_error(res, str(missing))                 # inside the profile: on to the checkpoint
 
 
 @pytest.mark.gpu
@@ -149,7 +159,12 @@ def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) 
     assert meta["tensorrt"]["precision"] == precision and meta["tensorrt"]["tf32"] is False
     assert meta["tensorrt"]["version"] == trt.__version__ and meta["tensorrt"]["onnx_sha256"] == file_sha256(onnx_path)
     assert cache.stat().st_size > 0
-    report = verify_artifact(engine, tiny_ckpt, batches=(1, 3), onnx_sha256=file_sha256(onnx_path))
+    report = verify_artifact(engine, tiny_ckpt, onnx_sha256=file_sha256(onnx_path))  # the engine's profile
     assert report.ok, report.table()
+    assert sorted({r.batch for r in report.rows}) == [1, 2, 4]
+    report = verify_artifact(engine, tiny_ckpt, batch=(3, 3, 3))
+    assert report.ok and {r.batch for r in report.rows} == {3}
+    with pytest.raises(CxrError, match=r"--batch 1:4:8: outside the engine's profile 1:2:4"):
+        verify_artifact(engine, tiny_ckpt, batch=(1, 4, 8))
     with pytest.raises(CxrError, match="built from another ONNX file"):
         verify_artifact(engine, tiny_ckpt, onnx_sha256="0" * 64)

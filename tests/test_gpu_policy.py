@@ -155,7 +155,7 @@ def test_cuda_fp32_bf16_sample_grid_and_torch_sampler(tmp_path):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         unet(x, t).float().square().mean().backward()
     sd = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-    grid = sample_grid(cfg, sd, tmp_path / "grid.png")      # the in-training EMA grid, fp32
+    grid = sample_grid(cfg, sd, tmp_path / "grid.png", torch.device("cuda"))   # the in-training EMA grid, fp32
     assert Image.open(grid).size == (2 + 2 * 130, 2 + 2 * 130)
     ckpt = save_checkpoint(tmp_path / "c.safetensors", cfg=cfg, step=0, class_names=["a"],
                            ema=sd, online=sd, data_fingerprint="test")

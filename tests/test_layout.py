@@ -24,3 +24,15 @@ def test_cli_help_lists_commands(cli: str, command: str) -> None:
     exe = Path(sys.executable).parent / cli
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert command in out.stdout
+
+
+def test_a_run_decides_cpu_or_cuda_in_one_place() -> None:
+    """fit asks use_cuda() once, in plan_run, and hands the answer on (RunPlan.cuda / .device):
+    a second asker could disagree with it (CXR_DEVICE read twice) and nobody would notice.
+    Outside a run: cxr-train utility (its own run) and model.cuda_capability (export, the torch backend)."""
+    import re
+    train = Path(__file__).resolve().parents[1] / "train"
+    askers = sorted(f"{p.name}:{i}" for p in train.glob("*.py")
+                    for i, line in enumerate(p.read_text().splitlines(), 1)
+                    if re.search(r"(?<![`\w.])use_cuda\(\)", line) and not line.lstrip().startswith(("def ", "#")))
+    assert [a.split(":")[0] for a in askers] == ["model.py", "plan.py", "utility.py"], askers

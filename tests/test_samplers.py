@@ -86,8 +86,24 @@ def test_default_grid_rule_and_logsnr_spacing() -> None:
     gaps = np.diff(lam[ts[1:]])                       # after the first call (T-1): equal log-SNR steps
     assert np.ptp(gaps) < 0.15 * h and abs(gaps.mean() - h) < 0.05 * h       # up to the nearest levels
     assert abs(lam[ts[-1]] - (lam[0] - h / 2)) < 0.2 * h          # the last call half a step short of t = 0
-    with pytest.raises(CxrError, match="time grid 'karras' is unknown"):
+    with pytest.raises(ValueError, match="time grid 'karras' is unknown"):   # resolve_request names it to users
         ode_pairs(ac, 10, "karras")
+
+
+@pytest.mark.parametrize("bad", [0, 101, -3, 2.5])
+def test_grid_preconditions_are_programmer_errors(bad) -> None:
+    """Below the request the steps are trusted; a library caller that skipped resolve_steps gets a
+    ValueError (not a user's one-line CxrError) instead of the starting noise or negative timesteps."""
+    sched = Schedule.from_params(timesteps=100, beta_schedule="sigmoid", objective="pred_v")
+    x_T = np.zeros((1, 1, 4, 4), np.float32)
+    den = gaussian_denoiser(sched)
+    for call in (lambda: ddim_pairs(100, bad), lambda: ode_pairs(sched.alphas_cumprod, bad, "logsnr"),
+                 lambda: sample_ddim(den, x_T, sched, steps=bad), lambda: sample_dpmpp_2m(den, x_T, sched, steps=bad)):
+        with pytest.raises(ValueError, match=r"a grid needs an integer in 1\.\.T=100") as err:
+            call()
+        assert not isinstance(err.value, CxrError)
+    with pytest.raises(ValueError, match="ddpm runs all T=100"):
+        sample_ddpm(den, x_T, sched, steps=10, noise=lambda k: x_T)
 
 
 def diffusers_default(den, x_T: np.ndarray, sched: Schedule, steps: int) -> np.ndarray:
@@ -182,16 +198,12 @@ def test_clip_keeps_samples_in_range() -> None:
 
 
 def test_sampler_argument_errors() -> None:
-    sched = Schedule.from_params(timesteps=100, beta_schedule="sigmoid", objective="pred_v")
-    x_T = np.zeros((1, 1, 4, 4), np.float32)
-    den = gaussian_denoiser(sched)
-    for bad in (0, 101, -3):
-        with pytest.raises(CxrError, match="out of range"):
-            sample_dpmpp_2m(den, x_T, sched, steps=bad)
-        with pytest.raises(CxrError, match="out of range"):
+    for bad in (0, 101, -3, 2.5, True):
+        with pytest.raises(CxrError, match="out of range|must be an integer"):     # the user-facing check
             resolve_steps("ddim", bad, 100)
-    with pytest.raises(CxrError, match="ddpm runs all T=100"):
-        sample_ddpm(den, x_T, sched, steps=10, noise=lambda k: x_T)
+    with pytest.raises(CxrError, match="^--steps=10: ddpm runs all T=100"):
+        resolve_steps("ddpm", 10, 100, what="--steps")
+    assert resolve_steps("ddim", np.int64(7), 100) == 7
     with pytest.raises(CxrError, match="unknown"):
         resolve_steps("euler", 10, 100)
     assert resolve_steps("ddpm", None, 100) == 100 and resolve_steps("dpmpp-2m", None, 10) == 10

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from conftest import assert_user_error as assert_one_line_error
 from cxr_ddpm.train.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.train import resume as ckpt
+from cxr_ddpm.train import state
 from cxr_ddpm.train.cli import main
 from cxr_ddpm.train.dist import resolve_world, slurm_port
 from cxr_ddpm.train.ds_config import build_ds_config, load_stage_file, stage_defaults
-from cxr_ddpm.train.run import StepSampler
+from cxr_ddpm.train.batches import StepSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -93,7 +93,7 @@ def test_resume_incomplete_path_refused(tmp_path, cxr_mini):
 
 
 def test_fresh_start_into_used_run_folder_refused(tmp_path, cxr_mini):
-    ckpt.mark_complete(_mkdir(tmp_path / "run" / "deepspeed" / "step_00000002"), {"step": 2})
+    state.mark_complete(_mkdir(tmp_path / "run" / "deepspeed" / "step_00000002"), {"step": 2})
     res, _ = run_fit(tmp_path, cxr_mini)
     assert_one_line_error(res, "already holds checkpoints", "--resume auto")
 
@@ -181,22 +181,22 @@ def test_step_sampler_resumes_and_splits():
 
 def test_find_resume_skips_incomplete_and_prune(tmp_path):
     run = tmp_path / "run"
-    assert ckpt.find_resume(run, "auto") is None and ckpt.find_resume(run, None) is None
+    assert state.find_resume(run, "auto") is None and state.find_resume(run, None) is None
     for step in (2, 4, 6, 8):
-        d = run / "deepspeed" / ckpt.tag_name(step)
+        d = run / "deepspeed" / state.tag_name(step)
         d.mkdir(parents=True)
         if step != 8:                                   # step 8: a save that was killed
-            ckpt.mark_complete(d, {"step": step})
+            state.mark_complete(d, {"step": step})
         (run / "checkpoints").mkdir(exist_ok=True)
         (run / "checkpoints" / f"step_{step:08d}.safetensors").write_bytes(b"x")
-    assert ckpt.find_resume(run, "auto").name == "step_00000006"
-    assert ckpt.find_resume(run, str(run)).name == "step_00000006"
-    ckpt.prune(run, keep_last=2)
+    assert state.find_resume(run, "auto").name == "step_00000006"
+    assert state.find_resume(run, str(run)).name == "step_00000006"
+    state.prune(run, keep_last=2)
     assert sorted(p.name for p in (run / "deepspeed").iterdir()) == ["step_00000004", "step_00000006"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000004.safetensors", "step_00000006.safetensors", "step_00000008.safetensors"]
     with pytest.raises(CxrError, match="not found"):
-        ckpt.find_resume(run, str(tmp_path / "missing"))
+        state.find_resume(run, str(tmp_path / "missing"))
 
 
 def test_sync_interval_follows_step_time():

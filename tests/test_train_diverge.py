@@ -14,7 +14,7 @@ import torch
 from safetensors.numpy import load_file
 
 from cxr_ddpm.train.config import load_config
-from cxr_ddpm.train import resume as ckpt
+from cxr_ddpm.train import state
 from cxr_ddpm.train.diverge import (EXIT_DIVERGED, MAX_SKIPPED_STEPS, Divergence, NonFiniteWatch,
                                     earliest)
 from cxr_ddpm.train.loop import Clock
@@ -40,7 +40,7 @@ def test_diverged_fit_stops_at_the_first_nan_and_keeps_the_last_finite_checkpoin
     assert m, last
     bad, kept = int(m[1]), int(m[3])
     assert 2 <= kept < bad < 30 and kept == 2 * ((bad - 1) // 2)       # every save before it, none after
-    assert [s for s, _ in ckpt.complete_checkpoints(out / ckpt.DS_DIR)] == list(range(2, kept + 1, 2))
+    assert [s for s, _ in state.complete_checkpoints(out / state.DS_DIR)] == list(range(2, kept + 1, 2))
     saved = sorted(out.glob("checkpoints/step_*.safetensors"))
     assert [int(f.stem[5:]) for f in saved] == list(range(2, kept + 1, 2))
     for f in saved:                                                    # EMA and online weights

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from conftest import assert_user_error, small_tmpfs
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.train import resume as ckpt
+from cxr_ddpm.train import state
 from cxr_ddpm.train.checkpoint import load_checkpoint
 from cxr_ddpm.train.cli import main
 from builders import BIN, TINY, env, fit_cmd, losses, run_ok
@@ -69,7 +69,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cxr_mini: Path) -> Path:
     out = tmp_path_factory.mktemp("trained") / "run"
     run_ok(fit_cmd(cxr_mini, out, "train.steps=4", "train.save_every=2"))
     run_ok(fit_cmd(cxr_mini, out, "train.steps=6", "train.save_every=2", resume="auto"))
-    assert [s for s, _ in ckpt.complete_checkpoints(out / ckpt.DS_DIR)] == [2, 4, 6]
+    assert [s for s, _ in state.complete_checkpoints(out / state.DS_DIR)] == [2, 4, 6]
     return out
 
 
@@ -112,13 +112,13 @@ def test_second_writer_refused_and_a_killed_one_never_blocks(tmp_path, cxr_mini)
 def test_kill9_after_complete_resume_writes_the_consolidated_file(tmp_path, cxr_mini):
     out = tmp_path / "run"
     run_ok(fit_cmd(cxr_mini, out, "train.steps=2"))
-    tag = out / ckpt.DS_DIR / "step_00000004"
+    tag = out / state.DS_DIR / "step_00000004"
     # the trainer waits after writing COMPLETE (test hook, see resume._test_pause): killed right there
     log = tmp_path / "leg2.log"
     proc = start(fit_cmd(cxr_mini, out, "train.steps=4", resume="auto"), log,
                  CXR_TEST_PAUSE_AFTER_COMPLETE=str(tmp_path / "never"))
     try:
-        wait_for("COMPLETE of step 4", lambda: (tag / ckpt.MARKER).is_file(), proc, log)
+        wait_for("COMPLETE of step 4", lambda: (tag / state.MARKER).is_file(), proc, log)
     finally:
         kill9(proc)
     consolidated = out / "checkpoints" / "step_00000004.safetensors"
@@ -143,10 +143,10 @@ def test_full_disk_during_save_one_line_no_hang(tmp_path, cxr_mini):
         out = disk / "run"
         # workers > 0: they ignore SIGTERM, which made the failed run hang at exit for good
         res = run(fit_cmd(cxr_mini, out, "train.steps=4", "train.save_every=2", "data.num_workers=1"))
-        assert_user_error(res, f"{out / ckpt.DS_DIR / 'step_00000004'}: cannot save the step 4 checkpoint",
+        assert_user_error(res, f"{out / state.DS_DIR / 'step_00000004'}: cannot save the step 4 checkpoint",
                           "No space left on device", "the newest complete checkpoint is still step_00000002",
                           progress=True)
-        assert ckpt.find_resume(out, "auto").name == "step_00000002"
+        assert state.find_resume(out, "auto").name == "step_00000002"
         assert load_checkpoint(out).step == 2
 
 
@@ -157,7 +157,7 @@ def test_crash_with_loader_workers_alive_exits(tmp_path, cxr_mini):
         from cxr_ddpm.train.config import load_config
         from cxr_ddpm.train.data import list_images
         from cxr_ddpm.train.dist import resolve_world
-        from cxr_ddpm.train.run import make_loader
+        from cxr_ddpm.train.batches import make_loader
         cfg = load_config({TINY!r}, ["data.num_workers=1", "train.micro_batch=2"])
         batches = make_loader(cfg, list_images({str(cxr_mini)!r}), resolve_world(), 0, False)
         next(batches)
@@ -179,7 +179,7 @@ def test_elapsed_continues_across_resume(trained):
 
 def test_resume_auto_skips_damaged_checkpoints(trained, tmp_path, cxr_mini):
     out = copy_run(trained, tmp_path)
-    ds = out / ckpt.DS_DIR
+    ds = out / state.DS_DIR
     shard = ds / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:                         # cut short, as a full disk or a copy leaves it
         f.truncate(shard.stat().st_size // 2)
@@ -187,24 +187,24 @@ def test_resume_auto_skips_damaged_checkpoints(trained, tmp_path, cxr_mini):
     dead = out / ".log.csv.k1ll3d.tmp"                    # what kill -9 mid-write leaves
     dead.write_text("half")
     with pytest.raises(CxrError, match=r"step_00000004: checkpoint is damaged \(zero_pp_rank_0"):
-        ckpt.find_resume(out, str(ds / "step_00000004"))
+        state.find_resume(out, str(ds / "step_00000004"))
     p = run_ok(fit_cmd(cxr_mini, out, "train.steps=6", "train.save_every=2", resume="auto"))
     assert (f"warning: {ds / 'step_00000006'}: checkpoint is damaged (ema.pt is truncated or corrupt "
             "(0 bytes))") in p.stderr
     assert f"warning: {ds / 'step_00000004'}: checkpoint is damaged ({shard.name} is truncated" in p.stderr
     assert "resuming from step_00000002" in p.stderr and "Traceback" not in p.stderr
     assert losses(out) == losses(trained)                 # exact resume from step 2, re-saved 4 and 6
-    assert all(ckpt.damage(d) is None for _, d in ckpt.complete_checkpoints(ds)) and not dead.exists()
-    for _, d in ckpt.complete_checkpoints(ds):
+    assert all(state.damage(d) is None for _, d in state.complete_checkpoints(ds)) and not dead.exists()
+    for _, d in state.complete_checkpoints(ds):
         (d / "ema.pt").write_bytes(b"")
     with pytest.raises(CxrError, match="every complete checkpoint is damaged"):
-        ckpt.find_resume(out, "auto")
+        state.find_resume(out, "auto")
 
 
 def test_checkpoint_that_fails_to_load_one_line(trained, tmp_path, cxr_mini):
     """Damage the file check cannot see (a whole archive of the wrong content): one line too."""
     out = copy_run(trained, tmp_path)
-    tag = out / ckpt.DS_DIR / "step_00000002"
+    tag = out / state.DS_DIR / "step_00000002"
     torch.save({"not": "an EMA"}, tag / "ema.pt")
     res = run(fit_cmd(cxr_mini, out, "train.steps=6", resume=str(tag)))
     assert_user_error(res, f"{tag}: cannot load this checkpoint (KeyError", progress=True)
@@ -227,7 +227,7 @@ def test_resume_with_edited_config_refused(trained, tmp_path, cxr_mini):
     assert "  dim: 16\n" in text
     saved.write_text(text.replace("  dim: 16\n", "  dim: 32\n"))      # "another model size"
     res = fit_in_process("--config", saved, "--data", cxr_mini, "--out", out, "--resume", "auto")
-    assert_user_error(res, f"{out / ckpt.DS_DIR / 'step_00000006'}: checkpoint's model.dim=16 does not "
+    assert_user_error(res, f"{out / state.DS_DIR / 'step_00000006'}: checkpoint's model.dim=16 does not "
                            "match the requested model.dim=32")
 
 

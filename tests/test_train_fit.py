@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_ddpm.train import resume as ckpt
+from cxr_ddpm.train import preempt, state
 from cxr_ddpm.train.checkpoint import load_checkpoint
 
 from builders import BIN, TINY, env, fit_cmd, losses, run_ok  # noqa: F401
@@ -57,7 +57,7 @@ def test_torchrun_two_ranks(tmp_path, cxr_mini, tiny_cfg, stage):
     p = run_ok(cmd)
     assert "2 rank(s)" in p.stderr and f"ZeRO-{stage}" in p.stderr
     assert [s for s, _ in losses(out)] == [1, 2, 3]
-    marker = json.loads((out / "deepspeed" / "step_00000003" / ckpt.MARKER).read_text())
+    marker = json.loads((out / "deepspeed" / "step_00000003" / state.MARKER).read_text())
     assert marker["world_size"] == 2 and len(set(marker["param_digests"])) == 1   # ranks agree
     assert (out / "deepspeed" / "step_00000003" / "rng_rank1.pt").is_file()
     ck = load_checkpoint(out, config=tiny_cfg)
@@ -97,8 +97,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, cxr_mini):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == ckpt.EXIT_REQUEUE, err[-2000:]
-    stopped = ckpt.find_resume(run, "auto")
+    assert proc.returncode == preempt.EXIT_REQUEUE, err[-2000:]
+    stopped = state.find_resume(run, "auto")
     stop_step = int(stopped.name.split("_")[1])
     assert 2 <= stop_step < 16 and "stopped by signal" in err
     p = run_ok(fit_cmd(cxr_mini, run, *steps, resume="auto"))
@@ -135,11 +135,11 @@ def test_sigterm_to_process_group_with_workers(tmp_path, cxr_mini, launcher):
             os.killpg(proc.pid, signal.SIGKILL)
     assert "DataLoader worker" not in err and "stopped by signal 15" in err, err[-3000:]
     if launcher == "plain":
-        assert proc.returncode == ckpt.EXIT_REQUEUE, err[-3000:]
+        assert proc.returncode == preempt.EXIT_REQUEUE, err[-3000:]
         assert time.time() - t0 < 10                      # acted on (and saved) within 10 s
     else:
         assert proc.returncode != 0
-    stopped = ckpt.find_resume(run, "auto")
+    stopped = state.find_resume(run, "auto")
     stop_step = int(stopped.name.split("_")[1])
     assert stop_step >= 2 and (run / "checkpoints" / f"step_{stop_step:08d}.safetensors").is_file()
     p = run_ok(fit_cmd(cxr_mini, run, f"train.steps={stop_step + 2}", "data.num_workers=2", resume="auto"))
@@ -161,8 +161,8 @@ def test_kill9_mid_save_resume_auto_uses_previous(tmp_path, cxr_mini):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert any(half.iterdir()) and not (half / ckpt.MARKER).exists()
-    assert ckpt.find_resume(run, "auto").name == "step_00000002"
+    assert any(half.iterdir()) and not (half / state.MARKER).exists()
+    assert state.find_resume(run, "auto").name == "step_00000002"
     p = run_ok(fit_cmd(cxr_mini, run, "train.steps=4", resume="auto"))
     assert "resuming from step_00000002" in p.stderr
-    assert (half / ckpt.MARKER).is_file() and load_checkpoint(run).step == 4
+    assert (half / state.MARKER).is_file() and load_checkpoint(run).step == 4

@@ -84,7 +84,7 @@ def test_time_limit_and_scancel_term_requeue_and_resume(cluster, tmp_path):
     2. the requeued start resumes; `scancel --signal=TERM` signals every process of the step
        (workers included): the ranks save a complete checkpoint, exit 75, requeue again;
     3. the third start resumes from that checkpoint (`--resume auto`) and trains on."""
-    from cxr_ddpm.train import resume as ckpt
+    from cxr_ddpm.train import state
 
     out = tmp_path / "run"
     log = tmp_path / "cxrsig-{job}.out"
@@ -104,20 +104,20 @@ def test_time_limit_and_scancel_term_requeue_and_resume(cluster, tmp_path):
         # the next start must not meet the time limit: the test ends it with scancel instead
         cluster.scontrol("update", f"JobId={job}", "TimeLimit=10")
         step1 = int(first.group(1))
-        assert ckpt.find_resume(out, "auto").name == ckpt.tag_name(step1)
+        assert state.find_resume(out, "auto").name == state.tag_name(step1)
         # 2. second start resumes, then scancel --signal=TERM with workers running
-        _wait("second start resuming", lambda: f"resuming from {ckpt.tag_name(step1)}" in text(), 120, log)
+        _wait("second start resuming", lambda: f"resuming from {state.tag_name(step1)}" in text(), 120, log)
         _wait("a step after the resume", lambda: _last_step(out) > step1, 60, log)
         cluster.scancel(job, "--signal=TERM")
         second = _wait("the TERM stop", lambda: re.search(r"stopped by signal 15 at step (\d+)", text()), 60, log)
         step2 = int(second.group(1))
         assert step2 > step1 and "DataLoader worker" not in text() and "Traceback" not in text()
         # 3. the third start resumes from the TERM checkpoint and trains on
-        _wait("third start resuming", lambda: f"resuming from {ckpt.tag_name(step2)}" in text(), 120, log)
+        _wait("third start resuming", lambda: f"resuming from {state.tag_name(step2)}" in text(), 120, log)
         _wait("a step after the second resume", lambda: _last_step(out) > step2, 60, log)
         assert cluster.job_info(job)["Restarts"] == "2"
     finally:
         cluster.scancel(job)
         print(f"job {job} output:\n{text()[-1500:]}")
-    marker = json.loads((out / "deepspeed" / ckpt.tag_name(step2) / ckpt.MARKER).read_text())
+    marker = json.loads((out / "deepspeed" / state.tag_name(step2) / state.MARKER).read_text())
     assert marker["world_size"] == 2 and len(set(marker["param_digests"])) == 1

@@ -12,7 +12,6 @@ from a config the user supplies) and refuses anything else with one clear line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from .config import Config, DiffusionConfig, config_from_metadata
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
-from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps, read_metadata
+from cxr_ddpm.runtime.artifact import read_safetensors_info
+from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.runtime.schedule import Schedule
 
 from .model import build_unet
@@ -131,40 +131,20 @@ def load_checkpoint(path: str | Path, config: Config | None = None, *,
     return ckpt
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """The safetensors JSON header (tensor table and __metadata__), without reading the tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if not 0 < n < 100_000_000:
-            raise CxrError(f"{path}: not a safetensors file (corrupt header)")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise CxrError(f"{path}: not a safetensors file (corrupt header)")
-    return header
-
-
 def checkpoint_config(path: Path) -> Config:
     """The config a cxr-ddpm .safetensors checkpoint records, read from its header alone."""
-    try:
-        header = _read_header(path)
-    except (ValueError, OSError) as e:
-        raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
-    meta = read_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path)).meta
-    return config_from_metadata(meta, str(path))
+    return config_from_metadata(read_safetensors_info(path).meta, str(path))
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    meta = read_safetensors_info(path).meta          # the header first: one line for a non-checkpoint
+    cfg = config_from_metadata(meta, str(path))
     try:
-        header = _read_header(path)
         tensors = load_file(str(path))
-    except CxrError:
-        raise
     except (SafetensorError, ValueError, OSError) as e:
         raise CxrError(f"{path}: corrupt or truncated safetensors file ({' '.join(str(e).split())[:120]})") from None
-    info = read_metadata((header.get("__metadata__") or {}).get(METADATA_KEY), str(path))
-    meta, cfg = info.meta, config_from_metadata(info.meta, str(path))
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     online = {k[7:]: v for k, v in tensors.items() if k.startswith("online.")}
     return Checkpoint(cfg, ema or None, online or None, int(meta.get("step", 0)),

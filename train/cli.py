@@ -116,7 +116,7 @@ def fit_cmd(config_path: str, data_dir: str | None, out_dir: str | None,
     _relay_deepspeed_log()                 # before anything imports deepspeed
     from .diverge import EXIT_DIVERGED
     from .loop import fit
-    from .resume import EXIT_REQUEUE, ignore_stop_signals
+    from .preempt import EXIT_REQUEUE, ignore_stop_signals
 
     if data_dir is not None and not data_dir.strip():   # "" fell back to data.root without a word
         raise CxrError("--data is empty: give the image folder (or leave --data out for data.root)")

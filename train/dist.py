@@ -7,8 +7,9 @@ whichever is there *without* starting a process group (so config errors can be
 reported first), and `init_process_group()` exports the variables and starts it:
 gloo on CPU, nccl on GPU.
 
-CXR_DEVICE=cpu forces CPU (gloo, no CUDA) even where a GPU is visible; every
-train/ decision between CPU and CUDA goes through `use_cuda()`.
+CXR_DEVICE=cpu forces CPU (gloo, no CUDA) even where a GPU is visible. A run asks
+`use_cuda()` once (plan.plan_run) and hands the answer on: the backend, the device, the
+attention kernels, pinned memory and the RNG state all follow that one decision.
 """
 from __future__ import annotations
 
@@ -134,11 +135,17 @@ def check_gpus_per_node(ranks_per_node: int, gpus: int) -> None:
                        f"most {gpus} rank(s) per node (one per GPU), or set CXR_DEVICE=cpu to train on CPU")
 
 
-def backend() -> str:
-    return "nccl" if use_cuda() else "gloo"
+def backend(cuda: bool) -> str:
+    return "nccl" if cuda else "gloo"
 
 
-def init_process_group(world: World) -> str:
+def device_of(world: World, cuda: bool) -> torch.device:
+    """This rank's device: its local GPU (one per rank, check_gpus_per_node) or the CPU."""
+    import torch
+    return torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+
+
+def init_process_group(world: World, cuda: bool) -> str:
     """Export the torch variables and start the process group; returns the backend used."""
     import deepspeed
     import torch
@@ -146,7 +153,7 @@ def init_process_group(world: World) -> str:
     os.environ.update(RANK=str(world.rank), LOCAL_RANK=str(world.local_rank),
                       WORLD_SIZE=str(world.world_size), MASTER_ADDR=world.master_addr,
                       MASTER_PORT=str(world.master_port))
-    name = backend()
+    name = backend(cuda)
     if name == "nccl":
         torch.cuda.set_device(world.local_rank)
     elif os.environ.get("CXR_DS_SHM_COMM") != "1":
@@ -159,10 +166,3 @@ def init_process_group(world: World) -> str:
     # DeepSpeed would otherwise try MPI discovery (mpi4py) when it thinks nothing launched us.
     deepspeed.init_distributed(dist_backend=name, auto_mpi_discovery=False)
     return name
-
-
-def device() -> torch.device:
-    import torch
-    if use_cuda():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -127,7 +127,7 @@ def build_ds_config(cfg: Config, world_size: int, cuda: bool) -> dict[str, Any]:
     sched.setdefault("params", {}).update(warmup_max_lr=t.lr, warmup_num_steps=max(t.warmup_steps, 1))
     sched["params"].setdefault("warmup_min_lr", 0.0)
     # bf16: DeepSpeed keeps bf16 parameters with fp32 master weights in the optimizer;
-    # the U-Net forward then runs under autocast inside `run.AutocastUnet`.
+    # the U-Net forward then runs under autocast inside `engine.AutocastUnet`.
     ds.setdefault("bf16", {})["enabled"] = t.precision == "bf16"
     ds.setdefault("fp16", {})["enabled"] = t.precision == "fp16"
     ds.setdefault("steps_per_print", 10**9)                # our own log, not DeepSpeed's

@@ -9,11 +9,10 @@ import torch
 
 from .config import Config
 
-from .dist import device
-from .model import Denoiser, build_unet
+from .model import Denoiser, build_unet, device_capability
 
 
-def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -> Path:
+def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path, device: torch.device) -> Path:
     """DDIM samples (cfg.train.sample_steps steps, eta 0) from the EMA weights, tiled into one PNG.
 
     The sampler is the runtime's torch-free `sample_ddim` (the same code `cxr-runtime`
@@ -25,18 +24,18 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path) -
     from cxr_ddpm.runtime.schedule import Schedule
 
     t, m = cfg.train, cfg.model
-    unet = build_unet(m)
+    unet = build_unet(m, device_capability(device))
     unet.load_state_dict(ema_weights)
-    net = Denoiser(unet, m).to(device()).eval()
+    net = Denoiser(unet, m).to(device).eval()
     # conditional models: one row per class (class k fills row k), no label dropout
     cols = math.ceil(t.num_samples / m.num_classes) if m.num_classes else math.ceil(math.sqrt(t.num_samples))
     n = cols * m.num_classes if m.num_classes else t.num_samples
-    classes = torch.arange(n, device=device()) // cols
+    classes = torch.arange(n, device=device) // cols
 
     @torch.no_grad()
     def denoise(x: np.ndarray, tt: np.ndarray, self_cond: np.ndarray | None = None) -> np.ndarray:
-        xt, tc = torch.from_numpy(x).to(device()), torch.from_numpy(tt).to(device())
-        sc = None if self_cond is None else torch.from_numpy(self_cond).to(device())
+        xt, tc = torch.from_numpy(x).to(device), torch.from_numpy(tt).to(device)
+        sc = None if self_cond is None else torch.from_numpy(self_cond).to(device)
         return net(xt, tc, classes if m.num_classes else sc).float().cpu().numpy()
 
     x_T = np.random.default_rng(t.seed).standard_normal(            # the same noise every grid

@@ -18,7 +18,7 @@ Design: DeepSpeed wraps only the U-Net. lucidrains' GaussianDiffusion (the
 schedule buffers, q_sample, the loss) stays fp32 outside the engine, because
 DeepSpeed's bf16/fp16 modes cast every parameter and buffer of the module they
 get. With bf16 the U-Net's forward runs under autocast *inside* the engine
-(`run.AutocastUnet`) and returns fp32 to the loss. The host never waits for the
+(`engine.AutocastUnet`) and returns fp32 to the loss. The host never waits for the
 GPU inside a step: the loss and the stop flag are read only at check steps (`Clock`).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -34,13 +34,15 @@ import torch
 
 from .config import Config, TrainConfig
 
-from . import resume as ckpt
-from .dist import backend, device, init_process_group
+from .batches import make_loader
 from .diverge import MAX_SKIPPED_STEPS, NonFiniteWatch, first_divergence
+from .dist import backend, init_process_group
+from .engine import ModelEngine, build_engine
 from .grid import sample_grid
-from .model import attention_summary, cuda_capability
-from .run import (Model, RunLog, build_model, check_run_lock, make_loader, peak_mem_mib, plan_run, progress_bar,
-                  restore)
+from .plan import check_run_lock, plan_run
+from .preempt import StopFlag
+from .runlog import RunLog, peak_mem_mib, progress_bar
+from .state_io import restore, save_state
 
 CHECK_S = 2.0        # seconds between rank syncs: a stop signal is acted on within about this
 
@@ -55,35 +57,36 @@ class FitResult:
     world_size: int = 1
     diverged: str | None = None  # why training stopped on a non-finite loss / gradient norm (diverge.py)
 
+    def last_line(self, steps: int, signum: int | None, cuda: bool) -> str:
+        if self.diverged:
+            return f"error: {self.diverged}"
+        why = f"stopped by signal {signum} at" if self.preempted else "done:"
+        return (f"fit: {why} step {self.step}/{steps}, {self.images_per_s:.1f} images/s, peak memory "
+                f"{self.peak_mem_mib:.0f} MiB/rank ({'GPU' if cuda else 'RSS'})")
+
 
 def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
         resume: str | None = None, run_name: str = "run") -> FitResult:
     """Train per `cfg`; returns when cfg.train.steps are done or a stop signal was handled."""
     # -- 1. everything that can be wrong with the input, before any process group starts
     plan = plan_run(cfg, data_dir, out_dir, resume, run_name)
-    cfg, world, run, t = plan.cfg, plan.world, plan.run, plan.cfg.train
+    cfg, world, run, t, dev = plan.cfg, plan.world, plan.run, plan.cfg.train, plan.device
 
     # -- 2. processes, model, data. The signal flag goes up first: a SIGTERM during the
     # slow start-up then costs one step and a save instead of the whole allocation.
-    stop = ckpt.StopFlag()
-    init_process_group(world)
+    stop = StopFlag()
+    init_process_group(world, plan.cuda)
     check_run_lock(plan)                               # rank 0 refused the run folder: all ranks stop here
     import torch.distributed as dist
 
-    dev = device()
-    m = build_model(cfg, dev, plan.ds_config, seed=t.seed * 1000 + world.rank)
-    step = restore(m, plan, world)
-    batches = make_loader(cfg, plan.images, world, step, plan.cuda)
-    per_step = t.micro_batch * t.grad_accum * world.world_size       # images per optimizer step
+    m = build_engine(plan)
+    step = restore(m, plan)
+    batches = make_loader(cfg, plan.images, world, step, pin_memory=plan.cuda)
     log = RunLog(run, cfg, step) if world.is_main else None
     if world.is_main:
-        print(f"fit: {world.world_size} rank(s) [{world.launcher}, {backend()}], ZeRO-{t.zero_stage}, "
-              f"{t.precision}, global batch {per_step}, {len(plan.images.files)} images in "
-              f"{len(plan.images.class_names)} classes, {attention_summary(cfg.model, cuda_capability())}, "
-              f"run {run}"
-              + (f", resuming from {plan.resume_from.name}" if plan.resume_from else ""), file=sys.stderr)
+        print(plan.start_line(backend(plan.cuda)), file=sys.stderr)
     bar = progress_bar(world, step, t.steps)
-    clock = Clock(per_step)
+    clock = Clock(plan.images_per_step)
     watch = NonFiniteWatch(dev, MAX_SKIPPED_STEPS[t.precision])
     last_ckpt, diverged = (step if plan.resume_from else None), None
 
@@ -92,7 +95,7 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
         loss = train_step(m, batches, cfg, dev, clock)
         step += 1
         watch.update(step, loss, m.engine.get_global_grad_norm())
-        m.ema.after_step(m.engine.module.unet, step, m.engine.optimizer)   # bf16: fed the fp32 masters
+        m.ema.after_step(m.unet, step, m.engine.optimizer)   # bf16: fed the fp32 masters
         stop_now = False
         if clock.due(step, t):                         # every rank checks at the same steps
             loss_mean, stop_now, bad = clock.sync(step, loss, stop.raised, dev, watch.flag())
@@ -106,17 +109,17 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
                 break
         with clock.paused():                           # sample grids and saves are not training time
             if t.sample_every and step % t.sample_every == 0 and world.is_main:
-                grid = sample_grid(cfg, m.ema.cpu_shadow(), run / "samples" / f"step_{step:08d}.png")
+                grid = sample_grid(cfg, m.ema.cpu_shadow(), run / "samples" / f"step_{step:08d}.png", dev)
                 if log:
                     log.image(step, grid)
             if stop_now or (t.save_every and step % t.save_every == 0) or step == t.steps:
-                ckpt.save_all(m.engine, m.ema, cfg, plan.images, run, world, step)
+                save_state(m, plan, step)
                 last_ckpt = step
         if stop_now:
             break
 
     # -- 4. summary
-    peak = torch.tensor(peak_mem_mib(), device=dev)
+    peak = torch.tensor(peak_mem_mib(plan.cuda), device=dev)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if step >= t.steps or diverged:  # stopped: the handler stays (the CLI ignores stop signals, then exits 75)
         stop.close()
@@ -124,21 +127,16 @@ def fit(cfg: Config, data_dir: str | Path | None = None, out_dir: str | Path | N
                        world.world_size, diverged)
     if log:
         bar.close()
-        log.close({"step": step, "preempted": result.preempted, "images_per_s": result.images_per_s,
-                   "peak_mem_mib": result.peak_mem_mib, "world_size": world.world_size,
-                   "zero_stage": t.zero_stage, "precision": t.precision, "global_batch": per_step,
-                   "diverged": diverged})
-        why = f"stopped by signal {stop.signum} at" if result.preempted else "done:"
-        print(f"error: {diverged}" if diverged else
-              f"fit: {why} step {step}/{t.steps}, {result.images_per_s:.1f} images/s, peak memory "
-              f"{result.peak_mem_mib:.0f} MiB/rank ({'GPU' if plan.cuda else 'RSS'})", file=sys.stderr)
+        log.close({k: v for k, v in asdict(result).items() if k != "run_dir"}
+                  | {"zero_stage": t.zero_stage, "precision": t.precision, "global_batch": plan.images_per_step})
+        print(result.last_line(t.steps, stop.signum, plan.cuda), file=sys.stderr)
     dist.barrier()
     dist.destroy_process_group()
     plan.lock.close()                                  # rank 0: the run folder is free again
     return result
 
 
-def train_step(m: Model, batches: Iterator, cfg: Config, dev: torch.device, clock: "Clock") -> torch.Tensor:
+def train_step(m: ModelEngine, batches: Iterator, cfg: Config, dev: torch.device, clock: "Clock") -> torch.Tensor:
     """One optimizer step over train.grad_accum micro-batches; returns the mean loss, on the device."""
     t = cfg.train
     # channels_last: the input only; convolutions follow their input's layout. The weights stay

@@ -63,6 +63,11 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if use_cuda() else None
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of `device` when it is a GPU, else None (a run's device: plan.RunPlan)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def apply_attention_policy(unet: torch.nn.Module, capability: tuple[int, int] | None) -> torch.nn.Module:
     """Set the kernels lucidrains' `Attend` modules read on CUDA (`cuda_config`)."""
     if capability is not None:
