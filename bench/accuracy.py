@@ -70,7 +70,7 @@ def diffusers_dpmpp_2m(denoise: Callable[..., np.ndarray], x_T: np.ndarray, sche
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from cxr_ddpm.runtime.samplers import predict
+    from cxr_ddpm.runtime.sampling.samplers import predict
     ac = schedule.alphas_cumprod
     kind = {"pred_v": "v_prediction", "pred_noise": "epsilon", "pred_x0": "sample"}[schedule.objective]
     dpm = DPMSolverMultistepScheduler(num_train_timesteps=schedule.timesteps, prediction_type=kind,
@@ -108,8 +108,8 @@ def measure(name: str, onnx: Path, *, n: int, seed: int, steps: Sequence[int], c
             grids: Sequence[str]) -> list[dict[str, Any]]:
     """Rows for one model: ddim, dpmpp-2m per grid (default marked) and diffusers default per steps."""
     from cxr_ddpm.runtime.backends.onnx import OrtDenoiser
-    from cxr_ddpm.runtime.samplers import sample_ddim, sample_dpmpp_2m
-    from cxr_ddpm.runtime.timesteps import default_time_grid
+    from cxr_ddpm.runtime.sampling.samplers import sample_ddim, sample_dpmpp_2m
+    from cxr_ddpm.runtime.sampling.timesteps import default_time_grid
     den = OrtDenoiser(onnx)
     sched, size, T = den.schedule, den.config.model.image_size, den.schedule.timesteps
     x_T = np.random.default_rng(seed).standard_normal((n, 1, size, size), dtype=np.float32)
@@ -187,7 +187,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 def run(out: Path, *, engines: dict[str, Path] | None = None, ckpt: Path | None = None, train_steps: int = 300,
         n: int = 16, seed: int = 0, steps: Sequence[int] = STEPS, clips: Sequence[bool] = (True, False),
         grids: Sequence[str] | None = None) -> Path:
-    from cxr_ddpm.runtime.timesteps import TIME_GRIDS
+    from cxr_ddpm.runtime.sampling.timesteps import TIME_GRIDS
     given = engines or ckpt
     models = _engines(engines, ckpt, train_steps)
     rows: list[dict[str, Any]] = []

@@ -183,7 +183,7 @@ def ort_settings(onnx_path: Path, size: int, batch: int, runs: int) -> list[dict
 def startup(onnx_path: Path, ckpt: Path) -> list[dict]:
     """Fresh processes: ORT-only runtime vs the PyTorch reference, peak RSS and start-up."""
     try:
-        from cxr_ddpm.runtime.bench import bench_in_subprocess
+        from cxr_ddpm.runtime.sampling.bench import bench_in_subprocess
     except ImportError as e:
         return [{"error": f"runtime bench worker unavailable: {e}"}]
     rows = []

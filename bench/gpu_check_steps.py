@@ -201,7 +201,7 @@ def train_figures(log: str, out: Path, env: dict[str, Any]) -> dict[str, Any]:
 def export_figures(path: Path) -> Figures:
     """Size and what the file's own metadata says (not the log line, whose wording may change)."""
     def figures(log: str, out: Path, env: dict[str, Any]) -> dict[str, Any]:
-        from cxr_ddpm.runtime.metadata import read_onnx_metadata
+        from cxr_ddpm.runtime.contract.metadata import read_onnx_metadata
         meta = read_onnx_metadata(path)
         return {"mb": round(path.stat().st_size / 1e6, 2), "precision": meta.get("precision"),
                 "exporter": meta.get("exporter"), "opset": meta.get("opset"),

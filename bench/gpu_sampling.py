@@ -114,7 +114,7 @@ def step_rows(arts: dict[str, Path], model: str, size: int, batch: int, runs: in
 
 def e2e_rows(arts: dict[str, Path], model: str, size: int, *, batch: int = 64, steps: int = 20,
              repeats: int = 3, provider: str = "cuda", plan: Plan = E2E_PLAN) -> list[dict[str, Any]]:
-    from cxr_ddpm.runtime.sampling import iter_batches, resolve_request
+    from cxr_ddpm.runtime.sampling.generate import iter_batches, resolve_request
     rows: list[dict[str, Any]] = []
     for prec, graph, arrays in plan:
         row: dict[str, Any] = {"model": model, "px": size, "batch": batch, "sampler": "dpmpp-2m",

@@ -1,7 +1,7 @@
 """Cost of classifier-free guidance per sampling step, as a ratio to unguided sampling.
 
 Guided sampling (weight W not 0 or 1) runs conditional and unconditional in ONE ORT
-call on a 2B batch (runtime.guidance). Compared in the same interleaved rounds:
+call on a 2B batch (runtime.sampling.guidance). Compared in the same interleaved rounds:
 unguided (B), guided (one 2B call) and the naive two separate B calls.
 Models: class-conditional (4 classes) tiny and cxr128 U-Nets, freshly initialised.
 """
@@ -21,7 +21,7 @@ def run(out: Path, *, models: tuple[tuple[str, int], ...] = (("tiny", 32), ("cxr
         batches: tuple[int, ...] = (1, 4, 16), runs: int = 10, budget_s: float = 60.0,
         weight: float = 3.0) -> Path:
     from cxr_ddpm.runtime.backends import load_denoiser
-    from cxr_ddpm.runtime.guidance import guided
+    from cxr_ddpm.runtime.sampling.guidance import guided
 
     rows: list[dict[str, Any]] = []
     for model, size in models:

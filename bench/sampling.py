@@ -1,6 +1,6 @@
 """Section 2: end-to-end sampling, seconds per image and images/s per sampler and backend.
 
-The samplers are runtime/samplers.py's own functions over an OrtDenoiser (fp32, runtime
+The samplers are runtime/sampling/samplers.py's own functions over an OrtDenoiser (fp32, runtime
 session settings) or the PyTorch reference TorchDenoiser, batch 16, fresh weights (cost does
 not depend on them). tiny (32 px, T = 100): every row measured. cxr128 (128 px, T = 1000):
 a full ddpm run is ~2.5 h on 2 cores, so one short dpmpp-2m run per backend is measured and
@@ -27,7 +27,7 @@ def denoisers(arts: dict[str, Path]) -> dict[str, Any]:
 
 
 def timed_run(den: Any, sampler: str, steps: int | None, batch: int, seed: int = 0) -> float:
-    from cxr_ddpm.runtime.samplers import get_sampler
+    from cxr_ddpm.runtime.sampling.samplers import get_sampler
     size = den.config.model.image_size
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 1, size, size), dtype=np.float32)

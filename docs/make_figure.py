@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image
 
 from cxr_ddpm.runtime.backends import load_denoiser
-from cxr_ddpm.runtime.evaluate import evaluate
-from cxr_ddpm.runtime.imageio import load_resized
-from cxr_ddpm.runtime.outputs import grid_png
-from cxr_ddpm.runtime.sample_set import plan_set, sample_to_dir
-from cxr_ddpm.runtime.sampling import generate, resolve_request
+from cxr_ddpm.runtime.evaluation.evaluate import evaluate
+from cxr_ddpm.runtime.inputs.imageio import load_resized
+from cxr_ddpm.runtime.outputs.formats import grid_png
+from cxr_ddpm.runtime.outputs.sample_set import plan_set, sample_to_dir
+from cxr_ddpm.runtime.sampling.generate import generate, resolve_request
 from cxr_ddpm.train.data import list_images
 
 GOALS = {"median": 0.24, "tv": 0.16, "z": -3.0}    # issue 20: the 1,000-step row; Meehan et al.'s rule

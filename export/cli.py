@@ -99,7 +99,7 @@ def trt_cmd(onnx_path: str, out: str | None, precision: str | None, batch: str |
 @cli_errors
 def inception_cmd(weights: Path | None, out: Path) -> None:
     """Export pytorch-fid's Inception-v3 (2048-d pool features) as ONNX for `cxr-runtime eval`."""
-    from cxr_ddpm.runtime.evaluate import PUBLISHED_WEIGHTS
+    from cxr_ddpm.runtime.evaluation.evaluate import PUBLISHED_WEIGHTS
 
     from .inception import export_inception
     check_output_file(out, example="inception.onnx")

@@ -25,7 +25,7 @@ import torch
 
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, ensure_writable_dir, file_sha256
-from cxr_ddpm.runtime.metadata import provenance
+from cxr_ddpm.runtime.contract.metadata import provenance
 
 METADATA_KEY = "cxr_ddpm_features"
 TOLERANCE = 1e-4

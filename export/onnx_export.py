@@ -27,8 +27,8 @@ import torch
 from cxr_ddpm.train.config import Config
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, check_output_file, exclusive_lock, remove_dead_temps
-from cxr_ddpm.runtime.interface import io_spec, random_inputs
-from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
+from cxr_ddpm.runtime.contract.interface import io_spec, random_inputs
+from cxr_ddpm.runtime.contract.metadata import METADATA_KEY, build_metadata, dumps
 from cxr_ddpm.train.checkpoint import Checkpoint, load_checkpoint
 from cxr_ddpm.train.model import Denoiser
 

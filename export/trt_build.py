@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from cxr_ddpm.runtime.backends.tensorrt import cuda_call, gpu_info, import_cudart, import_tensorrt
-from cxr_ddpm.runtime.engine_file import write_engine
+from cxr_ddpm.runtime.contract.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_write, ensure_writable_dir, file_sha256
-from cxr_ddpm.runtime.metadata import read_onnx_metadata
+from cxr_ddpm.runtime.contract.metadata import read_onnx_metadata
 
 from .batch import Batch, batch_text, recorded_batch
 

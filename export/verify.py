@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cxr_ddpm.train.config import Config
-from cxr_ddpm.runtime.artifact import Artifact
-from cxr_ddpm.runtime.denoiser import Denoiser
+from cxr_ddpm.runtime.contract.artifact import Artifact
+from cxr_ddpm.runtime.backends.denoiser import Denoiser
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.interface import io_spec, random_inputs
+from cxr_ddpm.runtime.contract.interface import io_spec, random_inputs
 
 from .batch import VERIFY_DEFAULT, Batch, batch_sizes, batch_text, recorded_batch
 
@@ -151,7 +151,7 @@ def verify_artifact(artifact: str | Path, ckpt: str | Path, *, config: Config | 
     at the distinct sizes of `batch` (min, opt, max). None: the range the artifact records (an
     engine's profile, an ONNX's export range), else batch.VERIFY_DEFAULT. An engine refuses a
     range outside its profile."""
-    from cxr_ddpm.runtime.artifact import open_artifact
+    from cxr_ddpm.runtime.contract.artifact import open_artifact
     from cxr_ddpm.train.checkpoint import load_checkpoint
     from cxr_ddpm.train.model import Denoiser as DenoiserNet
 

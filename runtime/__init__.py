@@ -1,5 +1,9 @@
-"""cxr-ddpm runtime: the torch-free core (config schema, schedule math, samplers,
-artifact metadata, ONNX Runtime / TensorRT backends). Never imports torch."""
+"""cxr-ddpm runtime: the torch-free core. Never imports torch.
+
+contract/ (the artifact contract, `open_artifact`), backends/ (the `Denoiser` type,
+ONNX Runtime, TensorRT), sampling/ (schedule, samplers, guidance, requests), inputs/
+(decoding real radiographs, the dataset layout), outputs/ (image formats, sample sets,
+shards), evaluation/ (`cxr-runtime eval`); cli.py, errors.py, fsutil.py, system.py."""
 from __future__ import annotations
 
 try:

@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from .errors import CxrError, OneLineGroup, cli_errors
-from .outputs import FORMATS
-from .samplers import SAMPLERS
+from .outputs.formats import FORMATS
+from .sampling.samplers import SAMPLERS
 
 _engine = click.option("--engine", "engine", required=True, type=click.Path(path_type=Path),
                        help="ONNX model, TensorRT engine (cxr-export) or .safetensors checkpoint")
@@ -97,10 +97,10 @@ def sample(engine: Path, n: int, batch_size: int, sampler: str, steps: int | Non
     from tqdm import tqdm
 
     from .backends import load_denoiser, ort_cuda
-    from .guidance import resolve_labels
-    from .sample_set import SetWriter, check_outputs, parse_time, plan_set, quiet_warnings
-    from .sampling import resolve_request
-    from .shards import parse_shard, shard_range, writer_lock
+    from .sampling.guidance import resolve_labels
+    from .outputs.sample_set import SetWriter, check_outputs, parse_time, plan_set, quiet_warnings
+    from .sampling.generate import resolve_request
+    from .outputs.shards import parse_shard, shard_range, writer_lock
 
     # CLI -> artifact -> request -> plan -> writer -> batches -> sampler -> backend, each checked once
     warnings.showwarning = _warn_line
@@ -155,9 +155,9 @@ def _checkpoint_config(engine: Path, backend: str | None, config_path: Path | No
 def inspect(engine: Path, as_json: bool, backend: str | None) -> None:
     """Print an artifact's metadata: contract version, model, schedule, I/O, provenance (with the
     training and data settings it was made with, as recorded: shown, never validated)."""
-    from .artifact import open_artifact
+    from .contract.artifact import open_artifact
     from .backends import detect_backend, load_denoiser
-    from .describe import describe
+    from .contract.describe import describe
     chosen = backend or (detect_backend(engine) if engine.exists() else "onnx")
     if chosen == "torch" and (engine.is_dir() or engine.suffix != ".safetensors"):
         art = load_denoiser(engine, backend="torch").artifact    # run folders, lucidrains files: torch side
@@ -183,7 +183,7 @@ def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | 
           cuda_graph: str, arrays: str) -> None:
     """Per-step latency (median, p90), images/s, peak RSS and start-up time, each backend
     in a fresh process (so the ORT numbers never include torch)."""
-    from .bench import compare, table
+    from .sampling.bench import compare, table
     runs = compare(engine, ckpt=ckpt, guidance=guidance, backend=backend, provider=provider, threads=threads,
                    batch_size=batch_size, steps=steps, repeats=repeats, cuda_graph=cuda_graph, arrays=arrays)
     click.echo(table(runs, batch_size=batch_size, steps=steps, repeats=repeats))
@@ -194,7 +194,7 @@ def bench(engine: Path, batch_size: int, steps: int, repeats: int, ckpt: Path | 
 @cli_errors
 def manifest(out: Path) -> None:
     """Merge the shard records of a sample folder (slurm/sample.sh) into samples.json + manifest.csv."""
-    from .shards import MANIFEST, merge
+    from .outputs.shards import MANIFEST, merge
     rec = merge(out)
     click.echo(f"{out}: {len(rec['files'])} images" + (f" from {rec['shards']} shards" if rec.get("shards") else "")
                + f", request {rec['request_sha256'][:12]}; wrote {out / 'samples.json'} and {out / MANIFEST}")
@@ -219,7 +219,7 @@ def eval_cmd(real_dir: Path, synth_dir: Path, features: Path | None, out: Path |
     """Compare a synthetic set with the real one (REAL_DIR: the training images): FID/KID/precision-
     recall (with --features), memorization audit, data-copying test (with --heldout), per-class
     counts, intensity histograms. Writes eval.json, eval.md, PNGs."""
-    from .evaluate import evaluate, first_line
+    from .evaluation.evaluate import evaluate, first_line
     if size is not None and size <= 0:
         raise CxrError(f"--size {size}: must be >= 1")
     report = evaluate(real_dir, synth_dir, out=out, features=features, size=size, provider=provider,
@@ -253,7 +253,7 @@ def bench_worker(engine: Path, batch_size: int, steps: int, repeats: int, guidan
                  cuda_graph: str, arrays: str) -> None:
     """One backend's numbers as a JSON line (run by `bench` in a fresh process)."""
     from .backends import load_denoiser, ort_cuda
-    from .bench import bench_run
+    from .sampling.bench import bench_run
     den = load_denoiser(engine, backend=backend, provider=provider, threads=threads, cuda_graph=cuda_graph)
     xp = ort_cuda.sampler_arrays(arrays, den.provider, den.backend)
     rec = bench_run(den, batch_size=batch_size, steps=steps, repeats=repeats, guidance=guidance, xp=xp)

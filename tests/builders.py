@@ -42,7 +42,7 @@ def with_metadata(src: Path, dst: Path, edit) -> Path:
     edit returning None drops the document."""
     import onnx
 
-    from cxr_ddpm.runtime.metadata import METADATA_KEY
+    from cxr_ddpm.runtime.contract.metadata import METADATA_KEY
     model = onnx.load(str(src))
     props = {p.key: p.value for p in model.metadata_props}
     del model.metadata_props[:]

@@ -1,5 +1,5 @@
-"""The artifact contract (runtime/metadata.py, docs/artifact-contract.schema.json) and the artifact
-opened once into one typed object (runtime/artifact.py), on real ONNX files.
+"""The artifact contract (runtime/contract/metadata.py, docs/artifact-contract.schema.json) and the artifact
+opened once into one typed object (runtime/contract/artifact.py), on real ONNX files.
 
 The fixtures in tests/fixtures/ were exported and sampled by the code of commit 1c52fd5, before
 the contract was versioned major.minor (tests/fixtures/README.md): they must keep sampling the
@@ -17,14 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import assert_user_error
-from cxr_ddpm.runtime.artifact import Artifact, open_artifact
+from cxr_ddpm.runtime.contract.artifact import Artifact, open_artifact
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.cli import main
-from cxr_ddpm.runtime.config import DiffusionConfig, ModelConfig
-from cxr_ddpm.runtime.denoiser import Denoiser
-from cxr_ddpm.runtime.engine_file import write_engine
+from cxr_ddpm.runtime.contract.config import DiffusionConfig, ModelConfig
+from cxr_ddpm.runtime.backends.denoiser import Denoiser
+from cxr_ddpm.runtime.contract.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import (FORMAT_MAJOR, FORMAT_MINOR, REQUIRED_KEYS, build_metadata,
+from cxr_ddpm.runtime.contract.metadata import (FORMAT_MAJOR, FORMAT_MINOR, REQUIRED_KEYS, build_metadata,
                                        check_metadata, onnx_metadata_props)
 from cxr_ddpm.train.config import config_from_metadata
 
@@ -215,8 +215,9 @@ def test_contradictions_are_refused_once_for_every_backend(tmp_path: Path, edit,
 
 
 def test_denoiser_signatures_name_the_one_type() -> None:
-    """The sampling library's functions take runtime.denoiser.Denoiser, not Any (no getattr probing)."""
-    from cxr_ddpm.runtime import bench, sample_set, sampling
+    """The sampling library's functions take runtime.backends.denoiser.Denoiser, not Any (no getattr probing)."""
+    from cxr_ddpm.runtime.sampling import bench, generate as sampling
+    from cxr_ddpm.runtime.outputs import sample_set
     for fn in (sampling.resolve_request, sampling.iter_batches, sampling.generate, sampling.request_settings,
                bench.bench_run, sample_set.plan_set, sample_set.earlier_grid, sample_set.sample_to_dir,
                sample_set.SetWriter.__init__):

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 
 from bench import accuracy, common, denoiser, gpu, gpu_sampling, guidance, loader, sampling, train  # noqa: E402
 from bench.report import write_readme_snippet  # noqa: E402
-from cxr_ddpm.runtime.timesteps import TIME_GRIDS  # noqa: E402
+from cxr_ddpm.runtime.sampling.timesteps import TIME_GRIDS  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

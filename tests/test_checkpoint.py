@@ -9,7 +9,7 @@ import torch
 
 from cxr_ddpm.train.config import load_config
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import FORMAT_VERSION, METADATA_KEY
+from cxr_ddpm.runtime.contract.metadata import FORMAT_VERSION, METADATA_KEY
 from cxr_ddpm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cxr_ddpm.train.model import build_unet
 

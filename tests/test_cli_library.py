@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ddpm.runtime import bench, cli
-from cxr_ddpm.runtime.artifact import open_artifact
-from cxr_ddpm.runtime.describe import describe, describe_rows
+from cxr_ddpm.runtime.sampling import bench
+from cxr_ddpm.runtime import cli
+from cxr_ddpm.runtime.contract.artifact import open_artifact
+from cxr_ddpm.runtime.contract.describe import describe, describe_rows
 from cxr_ddpm.runtime.errors import CxrError
 
 from builders import run

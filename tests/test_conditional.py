@@ -50,7 +50,7 @@ def test_training_keeps_class_names_and_grid_rows(cond_run: Path) -> None:
 
 
 def test_export_metadata_lists_classes_and_null(cond_onnx: Path) -> None:
-    from cxr_ddpm.runtime.metadata import read_onnx_metadata
+    from cxr_ddpm.runtime.contract.metadata import read_onnx_metadata
     meta = read_onnx_metadata(cond_onnx)
     assert meta["class_names"] == ["COVID-19", "Normal"] and meta["null_class"] == 2
     assert "class" in [i["name"] for i in meta["io"]["inputs"]]
@@ -58,7 +58,7 @@ def test_export_metadata_lists_classes_and_null(cond_onnx: Path) -> None:
 
 def test_guidance_weights_and_batched_call(cond_onnx: Path) -> None:
     from cxr_ddpm.runtime.backends import load_denoiser
-    from cxr_ddpm.runtime.guidance import guided
+    from cxr_ddpm.runtime.sampling.guidance import guided
 
     den = load_denoiser(cond_onnx)
     rng = np.random.default_rng(0)

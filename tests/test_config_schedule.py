@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_ddpm.runtime import schedule as S
+from cxr_ddpm.runtime.sampling import schedule as S
 from cxr_ddpm.train.config import Config, load_config
 from cxr_ddpm.runtime.errors import CxrError
 
@@ -211,8 +211,8 @@ def test_schedule_digest_pins_parameters() -> None:
 
 
 def test_runtime_import_does_not_import_torch() -> None:
-    code = ("import sys, cxr_ddpm.runtime, cxr_ddpm.runtime.config, cxr_ddpm.runtime.schedule, "
-            "cxr_ddpm.runtime.metadata, cxr_ddpm.runtime.fsutil, cxr_ddpm.runtime.errors; "
+    code = ("import sys, cxr_ddpm.runtime, cxr_ddpm.runtime.contract.config, cxr_ddpm.runtime.sampling.schedule, "
+            "cxr_ddpm.runtime.contract.metadata, cxr_ddpm.runtime.fsutil, cxr_ddpm.runtime.errors; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -221,7 +221,7 @@ def test_runtime_import_does_not_import_torch() -> None:
 def test_runtime_owns_only_the_contract_sections() -> None:
     """The deployed runtime holds what sampling needs (model, diffusion); the training schema,
     files and --set are train/'s, importable without torch (the runtime's --config passes a path)."""
-    import cxr_ddpm.runtime.config as rc
+    import cxr_ddpm.runtime.contract.config as rc
     assert not hasattr(rc, "TrainConfig") and not hasattr(rc, "DataConfig") and not hasattr(rc, "load_config")
     assert [f.name for f in dataclasses.fields(rc.ModelSpec)] == ["model", "diffusion"]
     assert Config().spec == rc.ModelSpec() and Config().digest() == rc.ModelSpec().digest()
@@ -233,7 +233,7 @@ def test_runtime_owns_only_the_contract_sections() -> None:
 # ---------------------------------------------------------------- schedule values in the metadata
 
 def test_metadata_stores_the_schedule_values(tiny_cfg) -> None:
-    from cxr_ddpm.runtime.metadata import build_metadata, dumps, parse_metadata, schedule_from_metadata
+    from cxr_ddpm.runtime.contract.metadata import build_metadata, dumps, parse_metadata, schedule_from_metadata
     meta = parse_metadata(dumps(build_metadata(tiny_cfg, kind="onnx", class_names=[])), "a.onnx")
     want = S.Schedule.from_config(tiny_cfg.diffusion)
     assert np.array_equal(np.asarray(meta["schedule"]["betas"]), want.betas)      # exact through JSON
@@ -243,7 +243,7 @@ def test_metadata_stores_the_schedule_values(tiny_cfg) -> None:
 def test_stored_betas_win_over_the_schedule_code(tiny_cfg) -> None:
     """An artifact keeps sampling with the schedule it was trained with, whatever the code
     for its beta_schedule computes today."""
-    from cxr_ddpm.runtime.metadata import build_metadata, schedule_from_metadata
+    from cxr_ddpm.runtime.contract.metadata import build_metadata, schedule_from_metadata
     meta = build_metadata(tiny_cfg, kind="onnx", class_names=[])
     changed = S.Schedule(betas=np.linspace(1e-3, 0.05, tiny_cfg.diffusion.timesteps), objective="pred_v")
     meta["schedule"].update(betas=changed.betas.tolist(), alphas_cumprod_sha256=changed.digest())
@@ -257,7 +257,7 @@ def test_stored_betas_win_over_the_schedule_code(tiny_cfg) -> None:
 
 
 def test_artifacts_without_stored_betas_still_load(tiny_cfg) -> None:
-    from cxr_ddpm.runtime.metadata import build_metadata, schedule_from_metadata
+    from cxr_ddpm.runtime.contract.metadata import build_metadata, schedule_from_metadata
     meta = build_metadata(tiny_cfg, kind="onnx", class_names=[])
     del meta["schedule"]["betas"]                                                # as written before 0.2
     assert schedule_from_metadata(meta, "old.onnx").digest() == meta["schedule"]["alphas_cumprod_sha256"]

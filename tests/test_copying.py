@@ -15,10 +15,10 @@ from PIL import Image
 
 from conftest import BUNDLED, assert_user_error, bundled_patients
 from cxr_ddpm.runtime.cli import main as runtime_cli
-from cxr_ddpm.runtime.copying import MIN_HELDOUT, MIN_SYNTHETIC, data_copying
-from cxr_ddpm.runtime.imageio import load_resized
-from cxr_ddpm.runtime.memorization import audit
-from cxr_ddpm.runtime.metrics import mann_whitney
+from cxr_ddpm.runtime.evaluation.copying import MIN_HELDOUT, MIN_SYNTHETIC, data_copying
+from cxr_ddpm.runtime.inputs.imageio import load_resized
+from cxr_ddpm.runtime.evaluation.memorization import audit
+from cxr_ddpm.runtime.evaluation.metrics import mann_whitney
 
 Rows = list[list[dict[str, str]]]
 

@@ -12,7 +12,7 @@ from PIL import Image
 from builders import ramp as _ramp, write_dicom as _write_dicom
 from conftest import assert_user_error
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.imageio import UnreadableImage, load_gray, load_resized
+from cxr_ddpm.runtime.inputs.imageio import UnreadableImage, load_gray, load_resized
 from cxr_ddpm.train.cli import main as train_cli
 from cxr_ddpm.runtime.system import cpu_allowance
 from cxr_ddpm.train.data import CxrDataset, default_num_workers, list_images, scan_dataset
@@ -54,6 +54,34 @@ def test_dicom_window_is_applied(tmp_path: Path) -> None:
     gray = load_gray(tmp_path / "w.dcm")
     # values below 768 clip to black, above 1280 to white: most of the ramp saturates
     assert (gray == 1.0).mean() > 0.6 and (gray == 0.0).mean() > 0.1
+
+
+def test_dicom_decoding_in_a_thread_keeps_other_threads_warnings(tmp_path: Path) -> None:
+    """prepare and check-data decode in worker threads while the main thread warns ("skipping
+    unreadable image"). The decoder quiets pydicom's warnings only: a blanket "ignore" there
+    (the process's filter list) dropped the main thread's warnings while a DICOM decoded."""
+    import threading
+    import warnings
+    _write_dicom(tmp_path / "w.dcm", _ramp() * 4095)
+    decoded, done = [0], threading.Event()
+
+    def decode() -> None:
+        while not done.is_set():
+            load_gray(tmp_path / "w.dcm")
+            decoded[0] += 1
+
+    worker, sent = threading.Thread(target=decode), 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        worker.start()
+        try:
+            while decoded[0] < 60:                 # warn all through 60 decodes, however fast they are
+                warnings.warn(f"main thread {sent}", UserWarning)
+                sent += 1
+        finally:
+            done.set()
+            worker.join()
+    assert sent > 0 and sum(str(w.message).startswith("main thread") for w in seen) == sent
 
 
 def test_resize_center_crop_keeps_middle(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The TensorRT engine file header (runtime/engine_file.py): no TensorRT needed, plan bytes faked."""
+"""The TensorRT engine file header (runtime/contract/engine_file.py): no TensorRT needed, plan bytes faked."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_ddpm.runtime.engine_file import (HEADER_VERSION, MAGIC, check_engine_compat, encode_header,
+from cxr_ddpm.runtime.contract.engine_file import (HEADER_VERSION, MAGIC, check_engine_compat, encode_header,
                                           is_engine_file, read_engine, read_engine_header, write_engine)
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import build_metadata
+from cxr_ddpm.runtime.contract.metadata import build_metadata
 
 PLAN = bytes(range(256)) * 40 + b"\x00plan-end"
 ONNX_SHA = "ab" * 32
@@ -125,7 +125,7 @@ def test_trt_engine_without_tensorrt_is_one_clear_error(engine: Path) -> None:
 
 
 def test_runtime_side_is_torch_free() -> None:
-    code = ("import sys, cxr_ddpm.runtime.engine_file, cxr_ddpm.runtime.backends.tensorrt, "
-            "cxr_ddpm.runtime.metadata as m; print('torch' in sys.modules)")
+    code = ("import sys, cxr_ddpm.runtime.contract.engine_file, cxr_ddpm.runtime.backends.tensorrt, "
+            "cxr_ddpm.runtime.contract.metadata as m; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

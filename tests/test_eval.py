@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from conftest import assert_user_error, bundled_patients
 from cxr_ddpm.runtime.cli import main as runtime_cli
-from cxr_ddpm.runtime.imageio import load_resized
-from cxr_ddpm.runtime.memorization import audit
-from cxr_ddpm.runtime.metrics import frechet_distance, gaussian_stats, kid, precision_recall
+from cxr_ddpm.runtime.inputs.imageio import load_resized
+from cxr_ddpm.runtime.evaluation.memorization import audit
+from cxr_ddpm.runtime.evaluation.metrics import frechet_distance, gaussian_stats, kid, precision_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "cxr-sample"
@@ -163,7 +163,7 @@ def test_eval_without_features_and_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_feature_audit_flags_copies_and_mirrors_only() -> None:
-    from cxr_ddpm.runtime.memorization import feature_audit
+    from cxr_ddpm.runtime.evaluation.memorization import feature_audit
     rng = np.random.default_rng(4)
     train, mirrored = rng.normal(size=(30, 8)), rng.normal(size=(30, 8))
     synth = np.stack([train[3], mirrored[7] + 1e-6, rng.normal(size=8) * 5])

@@ -8,7 +8,7 @@ import torch
 
 from cxr_ddpm.export.onnx_export import export_onnx
 from cxr_ddpm.train.config import load_config
-from cxr_ddpm.runtime.metadata import read_onnx_metadata
+from cxr_ddpm.runtime.contract.metadata import read_onnx_metadata
 from cxr_ddpm.train.checkpoint import save_checkpoint
 from cxr_ddpm.train.model import build_unet
 

@@ -17,8 +17,8 @@ from cxr_ddpm.export import onnx_export
 from cxr_ddpm.export.cli import main
 from cxr_ddpm.export.onnx_export import export_onnx
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import METADATA_KEY, read_onnx_metadata
-from cxr_ddpm.runtime.schedule import Schedule
+from cxr_ddpm.runtime.contract.metadata import METADATA_KEY, read_onnx_metadata
+from cxr_ddpm.runtime.sampling.schedule import Schedule
 from cxr_ddpm.train.checkpoint import load_checkpoint, save_checkpoint
 from cxr_ddpm.train.config import config_from_metadata
 from cxr_ddpm.train.model import build_diffusion, build_unet

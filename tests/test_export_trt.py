@@ -13,10 +13,10 @@ from cxr_ddpm.export.cli import main
 from cxr_ddpm.export.trt_build import BuildPlan, engine_metadata, plan_build, profile_shapes, trt_major
 from cxr_ddpm.runtime.backends.gpu_driver import driver_problem
 from cxr_ddpm.runtime.backends.tensorrt import capture_decision, shape_problem
-from cxr_ddpm.runtime.engine_file import write_engine
+from cxr_ddpm.runtime.contract.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.interface import io_spec
-from cxr_ddpm.runtime.metadata import build_metadata
+from cxr_ddpm.runtime.contract.interface import io_spec
+from cxr_ddpm.runtime.contract.metadata import build_metadata
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -149,7 +149,7 @@ def test_real_build_and_verify(precision: str, tiny_ckpt: Path, tmp_path: Path) 
     from cxr_ddpm.export.trt_build import build_engine
     from cxr_ddpm.runtime.fsutil import file_sha256
     from cxr_ddpm.export.verify import verify_artifact
-    from cxr_ddpm.runtime.engine_file import read_engine_header
+    from cxr_ddpm.runtime.contract.engine_file import read_engine_header
 
     onnx_path = export_onnx(tiny_ckpt, tmp_path / "tiny.onnx", precision=precision).path
     cache = tmp_path / "timing.cache"

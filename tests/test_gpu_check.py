@@ -183,7 +183,7 @@ def test_figures_from_the_steps_own_commands_on_cpu(tmp_path: Path, tiny_ckpt: P
     """The plan's export, verify and sample commands, run for a tiny checkpoint with the CPU
     provider in place of CUDA, and the figures read from what they wrote; training figures from a
     run folder written by the trainer's own RunLog; pytest's from a real JUnit file."""
-    from cxr_ddpm.runtime.outputs import grid_png
+    from cxr_ddpm.runtime.outputs.formats import grid_png
     from cxr_ddpm.train.runlog import RunLog
     out = (tmp_path / "check").resolve()
     run = out / "train"

@@ -135,8 +135,8 @@ def test_cuda_fp32_bf16_sample_grid_and_torch_sampler(tmp_path):
     """On a GPU above sm80: the forwards that failed with "No available kernel"."""
     from PIL import Image
 
-    from cxr_ddpm.runtime.samplers import sample_dpmpp_2m
-    from cxr_ddpm.runtime.schedule import Schedule
+    from cxr_ddpm.runtime.sampling.samplers import sample_dpmpp_2m
+    from cxr_ddpm.runtime.sampling.schedule import Schedule
     from cxr_ddpm.train.checkpoint import save_checkpoint
     from cxr_ddpm.train.grid import sample_grid
     from cxr_ddpm.train.torch_backend import TorchDenoiser

@@ -12,7 +12,7 @@ from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.backends.ort_cuda import (
     CUDA_GRAPH_MODES, choose_arrays, resolve_cuda_graph, sampler_arrays, session_io_types)
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.sampling import generate, resolve_request
+from cxr_ddpm.runtime.sampling.generate import generate, resolve_request
 
 from builders import record_provider_lists, sample
 from conftest import assert_user_error
@@ -110,7 +110,7 @@ def test_gpu_fallback_warning_survives_sampling_filters(onnx_path: Path, tmp_pat
     import warnings
 
     from cxr_ddpm.runtime.backends.ort_cuda import GpuFallbackWarning, warn_fallback
-    from cxr_ddpm.runtime.sample_set import quiet_warnings, sample_to_dir
+    from cxr_ddpm.runtime.outputs.sample_set import quiet_warnings, sample_to_dir
     den = load_denoiser(onnx_path, threads=1)
 
     class FallsBackOnce:                      # the real denoiser; its first call reports a fallback
@@ -255,7 +255,7 @@ def test_tf32_refused_where_ort_does_not_run_it(tiny_ckpt: Path) -> None:
 def test_tf32_is_part_of_the_request(onnx_path: Path) -> None:
     """TF32 changes the U-Net's rounding and so the pixels: a set started without it is not resumed
     with it (samples.json records it, and it is in request_sha256)."""
-    from cxr_ddpm.runtime.sampling import request_settings, request_sha256
+    from cxr_ddpm.runtime.sampling.generate import request_settings, request_sha256
     den = load_denoiser(onnx_path, threads=1)
     req = resolve_request(den, 2, steps=2)
     plain = request_settings(den, req, "png")

@@ -93,7 +93,7 @@ def test_wheel_contents_and_requirements(wheel: Path) -> None:
         meta = Parser().parsestr(z.read(meta_name).decode())
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"cxr_ddpm"}                                    # no bare train/ export/ runtime/
-    for module in ("runtime/sampling.py", "runtime/imageio.py", "train/loop.py", "train/ds_config.py",
+    for module in ("runtime/sampling/generate.py", "runtime/inputs/imageio.py", "train/loop.py", "train/ds_config.py",
                    "train/torch_backend.py", "export/onnx_export.py"):
         assert f"cxr_ddpm/{module}" in names
     reqs = meta.get_all("Requires-Dist")

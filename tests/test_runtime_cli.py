@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error
-from cxr_ddpm.runtime.metadata import METADATA_KEY
+from cxr_ddpm.runtime.contract.metadata import METADATA_KEY
 from builders import run, sample, with_metadata
 
 
@@ -78,8 +78,8 @@ import cxr_ddpm.runtime as rt
 for m in pkgutil.walk_packages(rt.__path__, "cxr_ddpm.runtime."):
     importlib.import_module(m.name)
 from cxr_ddpm.runtime.backends import load_denoiser
-from cxr_ddpm.runtime.sample_set import sample_to_dir
-from cxr_ddpm.runtime.sampling import resolve_request
+from cxr_ddpm.runtime.outputs.sample_set import sample_to_dir
+from cxr_ddpm.runtime.sampling.generate import resolve_request
 den = load_denoiser({str(onnx_path)!r}, threads=1)
 sample_to_dir(den, resolve_request(den, 2, steps=2), out={str(tmp_path)!r}, batch_size=2, fmt="dcm")
 bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "cxr_ddpm.train")))
@@ -169,8 +169,8 @@ def test_engine_file_inspect_without_tensorrt(onnx_path: Path, tmp_path: Path) -
 
     import onnxruntime as ort
 
-    from cxr_ddpm.runtime.engine_file import write_engine
-    from cxr_ddpm.runtime.metadata import parse_metadata
+    from cxr_ddpm.runtime.contract.engine_file import write_engine
+    from cxr_ddpm.runtime.contract.metadata import parse_metadata
     text = ort.InferenceSession(str(onnx_path)).get_modelmeta().custom_metadata_map[METADATA_KEY]
     meta = {**parse_metadata(text, "test"), "kind": "tensorrt",
             "tensorrt": {"version": "10.0.0", "gpu": "Test GPU", "compute_capability": "9.0",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cxr_ddpm.runtime.backends import load_denoiser
-from cxr_ddpm.runtime.samplers import sample_ddim, sample_ddpm
-from cxr_ddpm.runtime.sampling import generate, resolve_request
+from cxr_ddpm.runtime.sampling.samplers import sample_ddim, sample_ddpm
+from cxr_ddpm.runtime.sampling.generate import generate, resolve_request
 
 from builders import export_tiny_onnx
 

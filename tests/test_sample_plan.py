@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_ddpm.runtime import sample_set, shards
+from cxr_ddpm.runtime.outputs import sample_set, shards
 from cxr_ddpm.runtime.backends import load_denoiser
-from cxr_ddpm.runtime.outputs import FORMATS, DicomSeries, write_image
-from cxr_ddpm.runtime.sampling import resolve_request
+from cxr_ddpm.runtime.outputs.formats import FORMATS, DicomSeries, write_image
+from cxr_ddpm.runtime.sampling.generate import resolve_request
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-1c52fd5.onnx"
 

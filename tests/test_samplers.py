@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.samplers import (SAMPLERS, predict, resolve_steps, sample_ddim, sample_ddpm,
+from cxr_ddpm.runtime.sampling.samplers import (SAMPLERS, predict, resolve_steps, sample_ddim, sample_ddpm,
                                        sample_dpmpp_2m)
-from cxr_ddpm.runtime.schedule import Schedule, v_from_x0_eps
-from cxr_ddpm.runtime.timesteps import (LEGACY_GRID, TIME_GRIDS, ddim_pairs, default_time_grid, ode_pairs,
+from cxr_ddpm.runtime.sampling.schedule import Schedule, v_from_x0_eps
+from cxr_ddpm.runtime.sampling.timesteps import (LEGACY_GRID, TIME_GRIDS, ddim_pairs, default_time_grid, ode_pairs,
                                         torch_linspace_f32)
 
 MU, SD = 0.2, 0.3                        # data: every pixel ~ N(MU, SD^2), inside [-1, 1]

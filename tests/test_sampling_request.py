@@ -8,8 +8,8 @@ import pytest
 
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.samplers import DEFAULT_STEPS
-from cxr_ddpm.runtime.sampling import generate, resolve_request
+from cxr_ddpm.runtime.sampling.samplers import DEFAULT_STEPS
+from cxr_ddpm.runtime.sampling.generate import generate, resolve_request
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-1c52fd5.onnx"
 

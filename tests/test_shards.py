@@ -9,7 +9,7 @@ import pytest
 
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import file_sha256
-from cxr_ddpm.runtime.shards import finished, merge, parse_shard, record_name, shard_range, write_record
+from cxr_ddpm.runtime.outputs.shards import finished, merge, parse_shard, record_name, shard_range, write_record
 
 
 @pytest.mark.parametrize("n, m", [(10, 3), (7, 7), (5, 8), (1000, 16)])

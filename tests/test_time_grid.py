@@ -10,11 +10,11 @@ import pytest
 
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.sample_set import plan_set, sample_to_dir
-from cxr_ddpm.runtime.samplers import sample_ddim, sample_dpmpp_2m
-from cxr_ddpm.runtime.sampling import resolve_request
-from cxr_ddpm.runtime.shards import merge
-from cxr_ddpm.runtime.timesteps import LEGACY_GRID
+from cxr_ddpm.runtime.outputs.sample_set import plan_set, sample_to_dir
+from cxr_ddpm.runtime.sampling.samplers import sample_ddim, sample_dpmpp_2m
+from cxr_ddpm.runtime.sampling.generate import resolve_request
+from cxr_ddpm.runtime.outputs.shards import merge
+from cxr_ddpm.runtime.sampling.timesteps import LEGACY_GRID
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -21,11 +21,11 @@ from cxr_ddpm.export.trt_build import engine_metadata
 from cxr_ddpm.runtime.backends import load_denoiser
 from cxr_ddpm.runtime.backends.ort_cuda import GpuFallbackWarning
 from cxr_ddpm.runtime.backends.tensorrt import GpuLibs, warmup_inputs
-from cxr_ddpm.runtime.engine_file import write_engine
+from cxr_ddpm.runtime.contract.engine_file import write_engine
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.interface import io_spec
-from cxr_ddpm.runtime.metadata import build_metadata
-from cxr_ddpm.runtime.sampling import generate, resolve_request
+from cxr_ddpm.runtime.contract.interface import io_spec
+from cxr_ddpm.runtime.contract.metadata import build_metadata
+from cxr_ddpm.runtime.sampling.generate import generate, resolve_request
 
 NULL = 2                                            # the null class of a two-class model
 

@@ -22,7 +22,7 @@ import numpy as np
 
 
 def e2e(den, batch, steps, seed):
-    from cxr_ddpm.runtime.sampling import iter_batches
+    from cxr_ddpm.runtime.sampling.generate import iter_batches
     for _ in iter_batches(den, 4, batch_size=4, sampler="dpmpp-2m", steps=20, seed=0, xp=np):
         pass
 '''

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import BUNDLED, assert_user_error, bundled_patients
-from cxr_ddpm.runtime.datasets import list_images
+from cxr_ddpm.runtime.inputs.datasets import list_images
 from cxr_ddpm.train.cli import main as train_cli
 
 STEPS, BATCH = "40", "16"          # a few steps: enough to separate real from noise, seconds on CPU
@@ -150,7 +150,7 @@ def test_balance_adds_minority_synthetic_images(split: tuple[Path, Path], tmp_pa
 
 
 def test_classifier_is_deterministic_under_a_seed(split: tuple[Path, Path]) -> None:
-    from cxr_ddpm.runtime.imageio import load_resized
+    from cxr_ddpm.runtime.inputs.imageio import load_resized
     from cxr_ddpm.train.classifier import predict, train_classifier
     files = list_images(split[0])
     x = np.stack([load_resized(f, 32) for f in files.files])
@@ -244,7 +244,7 @@ def test_generator_data_verdicts(split: tuple[Path, Path], tmp_path: Path, tiny_
     """Each way the record -> engine -> checkpoint chain ends, with real artifacts."""
     import onnx
 
-    from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
+    from cxr_ddpm.runtime.contract.metadata import METADATA_KEY, build_metadata, dumps
     from cxr_ddpm.train.utility_data import _merged_fingerprint, generator_data, hashes, real_set
     train, test = (real_set(p, f) for p, f in zip(split, ("--train", "--test")))
     assert train.images is not None and test.images is not None

@@ -1,7 +1,7 @@
 """The consolidated checkpoint: one .safetensors file that rebuilds the model alone.
 
 Tensors: `ema.<unet key>` and `online.<unet key>` (U-Net weights only, fp32).
-Metadata: {"cxr_ddpm": <runtime.metadata document, kind="checkpoint">} with the
+Metadata: {"cxr_ddpm": <runtime.contract.metadata document, kind="checkpoint">} with the
 full config, schedule, class names, step and provenance (package version, git
 commit, data fingerprint). Readers prefer the EMA weights.
 
@@ -23,9 +23,9 @@ import torch
 from .config import Config, DiffusionConfig, config_from_metadata
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import atomic_path, file_sha256
-from cxr_ddpm.runtime.artifact import read_safetensors_info
-from cxr_ddpm.runtime.metadata import METADATA_KEY, build_metadata, dumps
-from cxr_ddpm.runtime.schedule import Schedule
+from cxr_ddpm.runtime.contract.artifact import read_safetensors_info
+from cxr_ddpm.runtime.contract.metadata import METADATA_KEY, build_metadata, dumps
+from cxr_ddpm.runtime.sampling.schedule import Schedule
 
 from .model import build_unet
 

@@ -1,6 +1,6 @@
 """Training's config schema: all four sections (model, diffusion, data, train), files, `--set`.
 
-Typed, frozen dataclasses; model and diffusion are the runtime's (`cxr_ddpm.runtime.config`,
+Typed, frozen dataclasses; model and diffusion are the runtime's (`cxr_ddpm.runtime.contract.config`,
 part of the artifact contract), data and train are training's own and reach artifacts only
 as provenance. Files in `configs/` (YAML, TOML or JSON) hold only the values that differ from
 the defaults; `--set section.key=value` overrides them on the command line. Unknown keys and
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cxr_ddpm.runtime.config import (DiffusionConfig, ModelConfig, ModelSpec, build_section, field_types,
+from cxr_ddpm.runtime.contract.config import (DiffusionConfig, ModelConfig, ModelSpec, build_section, field_types,
                                      parse_string, positive, sections_digest)
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.metadata import training_sections
+from cxr_ddpm.runtime.contract.metadata import training_sections
 
 Precision = Literal["fp32", "bf16", "fp16"]
 

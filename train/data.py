@@ -3,7 +3,7 @@
     root/COVID-19/*.jpg, root/Normal/*.png, root/Pneumonia-Viral/*.dcm, ...
 
 Class names are the folder names (sorted), labels their index. Images are
-decoded by `runtime.imageio` to 1 x size x size float32 in [0, 1]; GaussianDiffusion
+decoded by `runtime.inputs.imageio` to 1 x size x size float32 in [0, 1]; GaussianDiffusion
 maps that to [-1, 1] itself. A file that fails to decode during training is
 skipped with one warning and replaced by the next readable one.
 """
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cxr_ddpm.runtime.datasets import ImageList, images_under as _images_under, list_images
+from cxr_ddpm.runtime.inputs.datasets import ImageList, images_under as _images_under, list_images
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.imageio import UnreadableImage, load_resized, probe
+from cxr_ddpm.runtime.inputs.imageio import UnreadableImage, load_resized, probe
 from cxr_ddpm.runtime.system import cpu_allowance
 
 

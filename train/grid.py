@@ -19,9 +19,9 @@ def sample_grid(cfg: Config, ema_weights: dict[str, torch.Tensor], path: Path, d
     samples with) over a `denoise` callable that runs a fresh fp32 copy of the EMA U-Net.
     Noise comes from its own numpy generator: the training RNG streams are not touched.
     """
-    from cxr_ddpm.runtime.outputs import grid_png
-    from cxr_ddpm.runtime.samplers import sample_ddim
-    from cxr_ddpm.runtime.schedule import Schedule
+    from cxr_ddpm.runtime.outputs.formats import grid_png
+    from cxr_ddpm.runtime.sampling.samplers import sample_ddim
+    from cxr_ddpm.runtime.sampling.schedule import Schedule
 
     t, m = cfg.train, cfg.model
     unet = build_unet(m, device_capability(device))

@@ -1,6 +1,6 @@
 """Build lucidrains' Unet + GaussianDiffusion from the config (we build on it, not rewrite it).
 
-The schedule lucidrains computes must equal `runtime.schedule` (the one the
+The schedule lucidrains computes must equal `runtime.sampling.schedule` (the one the
 runtime samples with); `build_diffusion` checks that once at construction.
 
 The attention-kernel policy lives here too (`sdpa_backends`): lucidrains' `Attend`
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend
 
 from .config import Config, DiffusionConfig, ModelConfig
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.schedule import Schedule
+from cxr_ddpm.runtime.sampling.schedule import Schedule
 
 
 # dtypes a U-Net forward may run in: fp32 (sampling, fp32 training), bf16/fp16 (autocast)

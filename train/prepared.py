@@ -4,7 +4,7 @@
                                                        DIR/labels.npy   (N,) int64
                                                        DIR/cxr-prepared.json
 
-Decoding, windowing and resizing are exactly the raw loader's (`runtime.imageio.load_resized`);
+Decoding, windowing and resizing are exactly the raw loader's (`runtime.inputs.imageio.load_resized`);
 the only difference is quantisation of its float output to the stored integers: uint8 when
 every source has at most 8 bits per sample, else uint16. A prepared image therefore differs
 from the raw loader's by at most half a step, 0.5/255 (uint8) or 0.5/65535 (uint16).
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import exclusive_lock, remove_dead_temps
-from cxr_ddpm.runtime.imageio import UnreadableImage, load_resized, probe
+from cxr_ddpm.runtime.inputs.imageio import UnreadableImage, load_resized, probe
 
 from .data import CxrDataset, ImageList, cpu_allowance, list_images
 
@@ -166,7 +166,7 @@ def _write(images: ImageList, size: int, tmp: Path, workers: int, progress: bool
         "source_root": str(images.root.resolve()), "source_fingerprint": images.fingerprint(),
         "files": [str(images.files[i].relative_to(images.root)) for i in kept],
         "skipped": [[str(p), why] for p, why in skipped],
-        "resize": "runtime.imageio.load_resized (short side, bicubic, centre crop)",
+        "resize": "runtime.inputs.imageio.load_resized (short side, bicubic, centre crop)",
         "max_abs_error": 0.5 / scale,
     }
     (tmp / META).write_text(json.dumps(meta, indent=1))

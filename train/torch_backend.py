@@ -2,7 +2,7 @@
 
 Lives on the torch side; `runtime.backends.load_denoiser` imports it by module name only
 when `--backend torch` is chosen, so the runtime package itself never imports torch. The
-checkpoint's document becomes the same `Artifact` every backend gets (runtime/artifact.py).
+checkpoint's document becomes the same `Artifact` every backend gets (runtime/contract/artifact.py).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from cxr_ddpm.runtime.artifact import artifact_from_document
-from cxr_ddpm.runtime.denoiser import Denoiser
+from cxr_ddpm.runtime.contract.artifact import artifact_from_document
+from cxr_ddpm.runtime.backends.denoiser import Denoiser
 from cxr_ddpm.runtime.errors import CxrError
 
 

@@ -12,8 +12,8 @@ seeds and augmentation, and scored on REAL_TEST (train/utility_report.py):
 Refused in one line, before any training: class names that differ between the sets, fewer than
 2 images of a class in a set, REAL_TEST sharing file content with REAL_TRAIN or the synthetic
 set. A warning when REAL_TEST is in the generator's training data (train/utility_data.py).
-Real images are decoded and resized exactly as training sees them (runtime.imageio.load_resized),
-synthetic ones read as written (runtime.evaluate). Writes utility.json, utility.md and roc.png
+Real images are decoded and resized exactly as training sees them (runtime.inputs.imageio.load_resized),
+synthetic ones read as written (runtime.evaluation.evaluate). Writes utility.json, utility.md and roc.png
 (atomically) under `out`, which is made only then.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any, cast
 import numpy as np
 from tqdm import tqdm
 
-from cxr_ddpm.runtime.datasets import ImageList
+from cxr_ddpm.runtime.inputs.datasets import ImageList
 from cxr_ddpm.runtime.errors import CxrError
-from cxr_ddpm.runtime.evaluate import read_sample
+from cxr_ddpm.runtime.evaluation.evaluate import read_sample
 from cxr_ddpm.runtime.fsutil import atomic_write, check_output_dir, ensure_writable_dir
-from cxr_ddpm.runtime.imageio import UnreadableImage, load_resized, resize_center_crop
+from cxr_ddpm.runtime.inputs.imageio import UnreadableImage, load_resized, resize_center_crop
 
 from . import utility_report as rep
 from .utility_data import (MIN_PER_CLASS, LabelledSet, check_disjoint, check_sets, generator_data, hashes, real_set,

@@ -2,7 +2,7 @@
 and what the synthetic set's record tells about the generator's training data.
 
 Was REAL_TEST in the generator's training data? A checkpoint records `data_fingerprint`, a hash
-of the relative paths, sizes and labels of every training file (runtime/datasets.py), not of
+of the relative paths, sizes and labels of every training file (runtime/inputs/datasets.py), not of
 each file, plus data.root, the folder as given to `cxr-train fit` (under provenance.training,
 or config in older artifacts). ONNX and TensorRT files carry that folder too and name their
 checkpoint (path and sha256), which holds the fingerprint.
@@ -26,11 +26,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cxr_ddpm.runtime.artifact import open_artifact
-from cxr_ddpm.runtime.datasets import ImageList, fingerprint_entries, list_images
+from cxr_ddpm.runtime.contract.artifact import open_artifact
+from cxr_ddpm.runtime.inputs.datasets import ImageList, fingerprint_entries, list_images
 from cxr_ddpm.runtime.errors import CxrError
 from cxr_ddpm.runtime.fsutil import file_sha256
-from cxr_ddpm.runtime.shards import RECORD
+from cxr_ddpm.runtime.outputs.shards import RECORD
 
 MIN_PER_CLASS = 2       # AUROC and its bootstrap need both sides of every class; training needs some
 

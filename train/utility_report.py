@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cxr_ddpm.runtime.metrics import ranks
+from cxr_ddpm.runtime.evaluation.metrics import ranks
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 

@@ -1,9 +1,9 @@
 """Backends: small adapters that run an opened artifact, turning named feeds into outputs.
 
-`load_denoiser(path)` opens the artifact once (`runtime.artifact.open_artifact`: a cxr-ddpm
+`load_denoiser(path)` opens the artifact once (`runtime.contract.artifact.open_artifact`: a cxr-ddpm
 TensorRT engine by its magic bytes, a checkpoint by its suffix, anything else as ONNX) and hands
 it to the backend, so users never retype image size, schedule or objective. Every backend is a
-`runtime.denoiser.Denoiser`: `.artifact` (with `.path`, `.sha256`, `.meta`, `.config`,
+`runtime.backends.denoiser.Denoiser`: `.artifact` (with `.path`, `.sha256`, `.meta`, `.config`,
 `.schedule`, `.self_condition`, `.null_class` forwarded), `.backend`, `.provider`, `.cuda_graph`,
 `.tf32`, `.checkpoint` and `__call__(x, t, x_self_cond=None, classes=None) -> raw model output`.
 Backends import lazily: choosing ONNX never loads torch or TensorRT.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..artifact import open_artifact
-from ..denoiser import Denoiser
-from ..engine_file import is_engine_file
+from ..contract.artifact import open_artifact
+from .denoiser import Denoiser
+from ..contract.engine_file import is_engine_file
 from ..errors import CxrError
 
 BACKENDS = ("onnx", "tensorrt", "torch")

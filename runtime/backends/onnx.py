@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..artifact import Artifact, open_artifact
-from ..denoiser import Denoiser
+from ..contract.artifact import Artifact, open_artifact
+from .denoiser import Denoiser
 from ..errors import CxrError
 from ..system import cpu_allowance
 from . import ort_cuda
@@ -221,7 +221,7 @@ def open_session(path: str | Path, *, provider: str = "cpu", threads: int | None
     if provider == "tensorrt":
         cache = (Path(trt_cache_dir) if trt_cache_dir is not None else default_trt_cache(path)).absolute()
         if trt_batches:
-            from ..metadata import read_onnx_metadata
+            from ..contract.metadata import read_onnx_metadata
             profile = trt_profile(read_onnx_metadata(path)["io"]["inputs"], trt_batches)
     providers = provider_list(provider, tf32=tf32, cuda_graph=cuda_graph, trt_cache_dir=cache,
                               trt_profile=profile)

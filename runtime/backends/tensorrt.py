@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine_file import check_engine_compat, read_engine
+from ..contract.engine_file import check_engine_compat, read_engine
 from ..errors import CxrError
 from .gpu_driver import check_driver
 from .ort_cuda import warn_fallback

@@ -3,15 +3,15 @@
 TrtEngine owns the engine lifecycle and device buffers (cuda-python or CuPy, never torch);
 this adapter only sizes the engine for each batch and runs named feeds. What the engine's
 header says (config, schedule, I/O, null class) is the Artifact's, derived once in
-runtime/artifact.py as for every backend. Imported lazily: TensorRT is optional.
+runtime/contract/artifact.py as for every backend. Imported lazily: TensorRT is optional.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..artifact import Artifact, open_artifact
-from ..denoiser import Denoiser
+from ..contract.artifact import Artifact, open_artifact
+from .denoiser import Denoiser
 from ..errors import CxrError
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CxrError
+from ..errors import CxrError
 
 OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 

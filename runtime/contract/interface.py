@@ -64,5 +64,5 @@ def random_inputs(io: dict[str, Any], batch: int, *, timesteps: int, num_classes
 
 
 def _namespace(x: Any) -> Any:
-    from .samplers import array_namespace
+    from ..sampling.samplers import array_namespace
     return array_namespace(x)

@@ -22,8 +22,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .errors import CxrError
-from .fsutil import atomic_write
+from ..errors import CxrError
+from ..fsutil import atomic_write
 from .metadata import ArtifactInfo, dumps, read_metadata
 
 MAGIC = b"CXRTRT\x00\x01"

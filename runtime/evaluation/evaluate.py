@@ -3,14 +3,14 @@
     report = evaluate("data/covid-cxr", "synth/", features="inception.onnx", out="synth/eval")
 
 1. Both sets at the model's image size: real radiographs are decoded and resized exactly as
-   training sees them (runtime.imageio.load_resized); synthetic ones are read as written.
+   training sees them (runtime.inputs.imageio.load_resized); synthetic ones are read as written.
 2. With an Inception feature extractor (`cxr-export inception`, pytorch-fid's weights), both
    sets are replicated to 3 channels and resized to 299 px bilinear inside the extractor, as
    pytorch-fid does; then FID, KID (mean, std over subsets) and precision/recall.
-3. Always: the memorization audit (runtime/memorization.py), per-class counts and the
+3. Always: the memorization audit (runtime/evaluation/memorization.py), per-class counts and the
    pixel-intensity histogram distance.
 4. With `heldout` (real images of patients not trained on, read exactly as the training images):
-   the three-sample data-copying test (runtime/copying.py), which sees copying that the audit's
+   the three-sample data-copying test (runtime/evaluation/copying.py), which sees copying that the audit's
    near-exact threshold does not.
 Writes eval.json, eval.md, closest_pairs.png, histograms.png and, with `heldout`, distances.png
 (each atomically) under `out`, created only then: a run that fails leaves no folder behind.
@@ -26,13 +26,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .copying import NOT_RUN, CopyingTest, data_copying, distance_plot
-from .datasets import list_images
-from .errors import CxrError
-from .fsutil import atomic_write, check_output_dir, ensure_writable_dir
-from .imageio import UnreadableImage, load_gray, load_resized, resize_center_crop
+from ..inputs.datasets import list_images
+from ..errors import CxrError
+from ..fsutil import atomic_write, check_output_dir, ensure_writable_dir
+from ..inputs.imageio import UnreadableImage, load_gray, load_resized, resize_center_crop
 from .memorization import NEAR_DUPLICATE_NCC, PERCENTILE, SIZE, audit, feature_audit
 from .metrics import frechet_distance, gaussian_stats, histogram_distance, kid, precision_recall
-from .outputs import grid_png, png_bytes
+from ..outputs.formats import grid_png, png_bytes
 
 PUBLISHED_WEIGHTS = "6726825d"        # sha256 prefix of pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 
@@ -71,7 +71,7 @@ def read_synthetic(folder: Path, size: int | None,
 
 
 def read_sample(path: Path) -> np.ndarray:
-    """As written by runtime/outputs.py: 8/16-bit PNG, DICOM (16-bit), npy (float [0, 1])."""
+    """As written by runtime/outputs/formats.py: 8/16-bit PNG, DICOM (16-bit), npy (float [0, 1])."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
         arr = np.load(path)
@@ -108,7 +108,7 @@ class FeatureExtractor:
     """The ONNX Inception of `cxr-export inception`: (B, 3, H, W) in [0, 1] -> (B, 2048)."""
 
     def __init__(self, path: Path, provider: str = "cpu") -> None:
-        from .backends.onnx import open_session
+        from ..backends.onnx import open_session
         self.session = open_session(path, provider=provider)     # fp32 features: TF32 off
         text = self.session.get_modelmeta().custom_metadata_map.get("cxr_ddpm_features")
         try:

@@ -23,11 +23,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .denoiser import Denoiser
-from .errors import CxrError
+from ..backends.denoiser import Denoiser
+from ..errors import CxrError
 from .guidance import guided
 from .samplers import SAMPLERS, USES_ETA, get_sampler, resolve_steps
-from .shards import check_count
+from ..outputs.shards import check_count
 from .timesteps import LEGACY_GRID, TIME_GRIDS, default_time_grid
 
 StepFn = Callable[[int], object]              # called after each step with the batch size; result ignored

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import Artifact
-from .config import ModelSpec
-from .interface import model_inputs
-from .schedule import Schedule
+from ..contract.artifact import Artifact
+from ..contract.config import ModelSpec
+from ..contract.interface import model_inputs
+from ..sampling.schedule import Schedule
 
 
 class Denoiser:

@@ -3,7 +3,7 @@
     rec = sample_to_dir(den, req, out="samples/", batch_size=8, fmt="png")
     rec = sample_to_dir(den, req, out="synth/", shard=(3, 8))     # indices [3n/8, 4n/8) only
 
-Images are written atomically one by one; the writer's record (runtime/shards.py) is
+Images are written atomically one by one; the writer's record (runtime/outputs/shards.py) is
 rewritten after every batch and on any failure, so every image that was completely
 written is kept and listed, and a rerun of the same request makes only what is missing.
 Class-conditional requests put image i in out/<class name>/ and draw a grid row per class.
@@ -22,15 +22,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__
-from .denoiser import Denoiser
-from .errors import CxrError
-from .fsutil import ensure_writable_dir, holds_lock
-from .outputs import FORMATS, SUFFIX, DicomSeries, grid_png, write_image
-from .sampling import Request, StepFn, iter_batches, request_settings, request_sha256
+from .. import __version__
+from ..backends.denoiser import Denoiser
+from ..errors import CxrError
+from ..fsutil import ensure_writable_dir, holds_lock
+from .formats import FORMATS, SUFFIX, DicomSeries, grid_png, write_image
+from ..sampling.generate import Request, StepFn, iter_batches, request_settings, request_sha256
 from .shards import (MANIFEST, RECORD, check_not_folder, finished_in, lock_name, read_record, record_name,
                      shard_range, write_manifest, write_record, writer_lock)
-from .timesteps import LEGACY_GRID
+from ..sampling.timesteps import LEGACY_GRID
 
 
 def parse_time(text: str, flag: str = "--request-time") -> _dt.datetime:
@@ -256,7 +256,7 @@ class SetWriter:
 def quiet_warnings() -> Iterator[None]:
     """While sampling: user warnings were shown once when the request was resolved, so repeats
     are silenced; a GPU fallback (a failed CUDA graph capture, mid-run) still reaches the user."""
-    from .backends.ort_cuda import GpuFallbackWarning
+    from ..backends.ort_cuda import GpuFallbackWarning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("always", GpuFallbackWarning)

@@ -1,11 +1,11 @@
 """The runtime's config sections: what sampling an artifact needs (model, diffusion).
 
-These two typed, frozen sections are part of the artifact contract (runtime/metadata.py,
-docs/artifact-contract.md): every artifact carries them and every runtime reads them, so a
-change to them is a contract change (minor: a key added with a default; major: anything an
-older runtime would misread). Training's own sections (data, train), config files and `--set`
-live in `cxr_ddpm.train.config`; artifacts carry those as provenance, which the runtime shows
-(`cxr-runtime inspect`) but never validates.
+These two typed, frozen sections are part of the artifact contract (runtime/contract/metadata.py,
+docs/artifact-contract.schema.json, README "The artifact contract"): every artifact carries them
+and every runtime reads them, so a change to them is a contract change (minor: a key added with
+a default; major: anything an older runtime would misread). Training's own sections (data,
+train), config files and `--set` live in `cxr_ddpm.train.config`; artifacts carry those as
+provenance, which the runtime shows (`cxr-runtime inspect`) but never validates.
 
     spec = ModelSpec.from_dict(doc["config"], "model.onnx")
     spec.model.image_size, spec.diffusion.objective, spec.digest()
@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import CxrError
+from ..errors import CxrError
 
 Objective = Literal["pred_noise", "pred_x0", "pred_v"]
 BetaSchedule = Literal["linear", "cosine", "sigmoid"]

@@ -32,8 +32,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CxrError
-from .fsutil import atomic_write, exclusive_lock, file_sha256
+from ..errors import CxrError
+from ..fsutil import atomic_write, exclusive_lock, file_sha256
 
 RECORD = "samples.json"
 MANIFEST = "manifest.csv"

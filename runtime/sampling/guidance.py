@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .artifact import Artifact
-from .errors import CxrError
+from ..contract.artifact import Artifact
+from ..errors import CxrError
 from .samplers import array_namespace
-from .shards import check_count
+from ..outputs.shards import check_count
 
 
 def class_ids(names: Sequence[str], class_names: Sequence[str], source: str) -> list[int]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from .denoiser import Denoiser
-from .errors import CxrError
-from .sampling import Request, iter_batches, resolve_request
-from .system import peak_rss_mib
+from ..backends.denoiser import Denoiser
+from ..errors import CxrError
+from .generate import Request, iter_batches, resolve_request
+from ..system import peak_rss_mib
 
 
 def compare(engine: Path, *, ckpt: Path | None = None, guidance: float | None = None, backend: str | None = None,

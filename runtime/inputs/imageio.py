@@ -8,6 +8,7 @@ all 16 bits. MONOCHROME1 DICOMs (white = low values) are inverted.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,11 @@ def _load_dicom(path: Path) -> np.ndarray:
     ds = _dcmread(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            # only pydicom's own (and this module's) warnings: decoding runs in worker threads
+            # (prepare, check-data), and the filter list is the process's; a blanket "ignore"
+            # swallowed the main thread's warnings meanwhile ("skipping unreadable image")
+            warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+            warnings.filterwarnings("ignore", module=re.escape(__name__) + "$")
             arr = ds.pixel_array
     except Exception as e:
         raise UnreadableImage(f"cannot decode DICOM pixel data: {_reason(e)}") from None

@@ -1,4 +1,5 @@
-"""The artifact contract: one JSON document that every artifact carries (docs/artifact-contract.md).
+"""The artifact contract: one JSON document that every artifact carries (specified in
+docs/artifact-contract.schema.json; README "The artifact contract").
 
 Checkpoints (.safetensors metadata), ONNX models (`metadata_props`) and TensorRT engines (file
 header) store it under the key `cxr_ddpm`:
@@ -6,7 +7,7 @@ header) store it under the key `cxr_ddpm`:
     format_version  int, the contract's major version (what 0.2.0 wrote and compares)
     format_minor    int, the minor version (absent: 0, i.e. 0.2.0's documents are 1.0)
     kind            "checkpoint" | "onnx" | "tensorrt"
-    config          the contract sections {model, diffusion} (runtime/config.py)
+    config          the contract sections {model, diffusion} (runtime/contract/config.py)
     schedule        {the diffusion keys, betas, alphas_cumprod_sha256}
     image_size, channels, objective
     class_names     list of str (folder names), [] when unknown
@@ -33,10 +34,10 @@ from typing import Any, BinaryIO, Iterator, Protocol
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .config import DiffusionConfig, ModelConfig, ModelSpec
-from .errors import CxrError
-from .schedule import Schedule
+from ..errors import CxrError
+from ..sampling.schedule import Schedule
 
 METADATA_KEY = "cxr_ddpm"
 FORMAT_MAJOR = 1

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CxrError
+from ..errors import CxrError
 from .schedule import Schedule, eps_from_x0, x0_from_eps, x0_from_v
 from .timesteps import ddim_pairs, ddpm_pairs, default_time_grid, ode_pairs
 

@@ -7,8 +7,8 @@
 
 Opening is cheap and torch-free for every kind: an ONNX model's top-level protobuf fields (the
 graph is skipped), an engine's header, a checkpoint's safetensors header. Backends take an
-Artifact and only turn named feeds into outputs (runtime/denoiser.py). The document follows
-the artifact contract (runtime/metadata.py, docs/artifact-contract.md).
+Artifact and only turn named feeds into outputs (runtime/backends/denoiser.py). The document follows
+the artifact contract (runtime/contract/metadata.py, docs/artifact-contract.schema.json).
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from typing import Any
 
 from .config import ModelConfig, ModelSpec
 from .engine_file import is_engine_file, read_engine_info
-from .errors import CxrError
-from .fsutil import file_sha256
+from ..errors import CxrError
+from ..fsutil import file_sha256
 from .interface import io_spec
 from .metadata import (METADATA_KEY, ArtifactInfo, check_metadata, read_metadata, read_onnx_info,
                        training_sections, version_text)
-from .schedule import Schedule
+from ..sampling.schedule import Schedule
 
 KINDS = ("onnx", "tensorrt", "checkpoint")
 LUCIDRAINS_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -40,7 +40,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class IOSpec:
-    """The denoiser's named inputs and outputs (runtime/interface.py is the convention)."""
+    """The denoiser's named inputs and outputs (runtime/contract/interface.py is the convention)."""
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from .fsutil import atomic_write
+from ..fsutil import atomic_write
 
 FORMATS = ("png", "png16", "npy", "dcm")
 SUFFIX = {"png": ".png", "png16": ".png", "npy": ".npy", "dcm": ".dcm"}

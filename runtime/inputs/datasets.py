@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterable
 
-from .errors import CxrError
+from ..errors import CxrError
 from .imageio import IMAGE_EXTS
 
 

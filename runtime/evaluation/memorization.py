@@ -22,7 +22,7 @@ NEAR_DUPLICATE_NCC = 0.95
 
 def standardise(images: np.ndarray, size: int = SIZE) -> np.ndarray:
     """(N, H, W) in [0, 1] -> (N, size*size) zero-mean unit-norm float32 rows."""
-    from .imageio import resize_center_crop
+    from ..inputs.imageio import resize_center_crop
     small = np.stack([resize_center_crop(im, size) if im.shape != (size, size) else im for im in images])
     flat = small.reshape(len(small), -1).astype(np.float64)
     flat -= flat.mean(axis=1, keepdims=True)
