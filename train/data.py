@@ -9,7 +9,6 @@ skipped with one warning and replaced by the next readable one.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
