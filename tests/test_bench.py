@@ -192,6 +192,7 @@ def test_gpu_sampling_rows_run_on_cpu() -> None:
     assert all(r["first_batch_s"] >= 0 and r["session_s"] >= 0 for r in e2e if "s_per_image" in r)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider.:UserWarning")  # the fallback under test
 def test_gpu_ort_sessions_refuse_cpu_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU build of onnxruntime lists the CUDA provider even where its libraries cannot load, and
     then runs the session on CPU: bench gpu must record that variant as not measured, not time the
