@@ -3,27 +3,36 @@
 #   bash docs/same_training.sh REV [OUT]      (from the repository root, after `make install`)
 # Trains the tiny config on the bundled images for 24 steps (log every step, a grid and a save every 12)
 # three ways in each tree: one rank, 12 steps then a resume to 24, and torchrun with 2 ranks; both trees
-# run with this checkout's .venv or $PY (PYTHONPATH=TREE/.typecheck selects the tree's code). Prints,
+# run with this checkout's .venv or $PY (PYTHONPATH selects the tree's code). Prints,
 # per run, whether log.csv's step, loss, lr and grad_norm columns, the sample grids and every checkpoint
 # tensor are the same; exits 1 if anything differs. REV must run under today's dependencies.
 set -euo pipefail
 REV=${1:?usage: bash docs/same_training.sh REV [OUT]}
 ROOT=$PWD; PY=${PY:-$ROOT/.venv/bin/python}; OUT=$(realpath -m "${2:-runs/same-training}")
-OLD=$(mktemp -d); trap 'git -C "$ROOT" worktree remove --force "$OLD"' EXIT
+OLD=$(mktemp -d); PKGS=$(mktemp -d)   # PKGS/TAG/cxr_ddpm/X -> TREE/X: pyproject.toml's package mapping
+trap 'git -C "$ROOT" worktree remove --force "$OLD"; rm -rf "$PKGS"' EXIT
 git worktree add -q --detach "$OLD" "$REV"
-[ -d "$OLD/.typecheck/cxr_ddpm" ] ||   # without them the installed (current) code would run twice
-  { echo "error: $REV has no .typecheck/cxr_ddpm links: its code cannot be selected" >&2; exit 2; }
+for tag in old new; do
+  mkdir -p "$PKGS/$tag/cxr_ddpm"
+  for x in runtime train export; do ln -s "$([ $tag = old ] && echo "$OLD" || echo "$ROOT")/$x" "$PKGS/$tag/cxr_ddpm/$x"; done
+done
 rm -rf "$OUT"; mkdir -p "$OUT"
 SETS=(--set train.steps=24 --set train.save_every=12 --set train.sample_every=12 --set train.warmup_steps=4
       --set train.log_every=1 --set data.num_workers=0)
+run() {  # ERRLOG ARGS...: python ARGS, its stderr appended to ERRLOG
+  local err=$1; shift
+  "$PY" "$@" >/dev/null 2>>"$err" || { echo "error: python $* failed; the end of $err:" >&2; tail -5 "$err" >&2; exit 1; }
+}
 train() {  # TREE TAG: the three runs
-  cd "$1" && export PYTHONPATH=$1/.typecheck OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
+  cd "$1" && export PYTHONPATH=$PKGS/$2 OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
+  "$PY" -c "import cxr_ddpm.train, sys; sys.exit(not cxr_ddpm.train.__path__[0].startswith('$PKGS/'))" ||
+    { echo "error: PYTHONPATH does not select $1's code" >&2; exit 2; }
   local fit=(fit --config configs/tiny.yaml --data data/cxr-sample "${SETS[@]}") o=$OUT/$2
-  "$PY" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/single" >/dev/null 2>"$o-single.err"
-  "$PY" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/resume" --set train.steps=12 >/dev/null 2>"$o-resume.err"
-  "$PY" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/resume" --resume auto >/dev/null 2>>"$o-resume.err"
-  "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m cxr_ddpm.train.cli "${fit[@]}" \
-      --out "$o/ranks2" >/dev/null 2>"$o-ranks2.err"
+  run "$o.err" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/single"
+  run "$o.err" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/resume" --set train.steps=12
+  run "$o.err" -m cxr_ddpm.train.cli "${fit[@]}" --out "$o/resume" --resume auto
+  run "$o.err" -m torch.distributed.run --standalone --nproc_per_node 2 -m cxr_ddpm.train.cli "${fit[@]}" \
+      --out "$o/ranks2"
 }
 echo "training $REV in $OLD, then this checkout" >&2
 (train "$OLD" old); (train "$ROOT" new)
