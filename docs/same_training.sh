@@ -14,14 +14,16 @@ trap 'git -C "$ROOT" worktree remove --force "$OLD"; rm -rf "$PKGS"' EXIT
 git worktree add -q --detach "$OLD" "$REV"
 for tag in old new; do
   mkdir -p "$PKGS/$tag/cxr_ddpm"
-  for x in runtime train export; do ln -s "$([ $tag = old ] && echo "$OLD" || echo "$ROOT")/$x" "$PKGS/$tag/cxr_ddpm/$x"; done
+  tree=$([ $tag = old ] && echo "$OLD" || echo "$ROOT")
+  for x in runtime train export; do ln -s "$tree/$x" "$PKGS/$tag/cxr_ddpm/$x"; done
 done
 rm -rf "$OUT"; mkdir -p "$OUT"
 SETS=(--set train.steps=24 --set train.save_every=12 --set train.sample_every=12 --set train.warmup_steps=4
       --set train.log_every=1 --set data.num_workers=0)
 run() {  # ERRLOG ARGS...: python ARGS, its stderr appended to ERRLOG
   local err=$1; shift
-  "$PY" "$@" >/dev/null 2>>"$err" || { echo "error: python $* failed; the end of $err:" >&2; tail -5 "$err" >&2; exit 1; }
+  "$PY" "$@" >/dev/null 2>>"$err" ||
+    { echo "error: python $* failed; the end of $err:" >&2; tail -5 "$err" >&2; exit 1; }
 }
 train() {  # TREE TAG: the three runs
   cd "$1" && export PYTHONPATH=$PKGS/$2 OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
