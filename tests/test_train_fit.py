@@ -49,6 +49,40 @@ def test_fit_world_size_1(tmp_path, cxr_mini, tiny_cfg):
     assert (out / "config.yaml").is_file() and json.loads((out / "summary.json").read_text())["step"] == 4
 
 
+# Run in the training process: count what each save would otherwise redo (stat every data file, run git).
+_COUNT_PROVENANCE = """
+import atexit, json, subprocess, sys
+from cxr_ddpm.train.cli import main
+from cxr_ddpm.train.data import ImageList
+calls = {"fingerprint": 0, "git": 0}
+fingerprint, run = ImageList.fingerprint, subprocess.run
+def counted_fingerprint(self):
+    calls["fingerprint"] += 1
+    return fingerprint(self)
+def counted_run(cmd, *a, **k):
+    calls["git"] += cmd[:1] == ["git"]
+    return run(cmd, *a, **k)
+ImageList.fingerprint, subprocess.run = counted_fingerprint, counted_run
+atexit.register(lambda: print("calls=" + json.dumps(calls), file=sys.stderr))
+sys.argv = ["cxr-train", *sys.argv[1:]]
+main()
+"""
+
+
+def test_provenance_is_computed_once_per_run_not_per_save(tmp_path, cxr_mini):
+    """Every save records the data fingerprint and the git commit; computing them at each save
+    stats every data file (a whole shared filesystem at cluster scale) and runs git each time."""
+    out = tmp_path / "run"
+    p = run_ok([sys.executable, "-c", _COUNT_PROVENANCE,
+                *fit_cmd(cxr_mini, out, "train.steps=4", "train.save_every=1", "train.keep_last=4")[1:]])
+    calls = json.loads(p.stderr.rsplit("calls=", 1)[1])
+    saved = sorted((out / "checkpoints").glob("step_*.safetensors"))
+    assert len(saved) == 4 and calls["fingerprint"] == 1 and calls["git"] <= 1, calls
+    recorded = {(m["data_fingerprint"], m.get("git_commit"))
+                for m in (load_checkpoint(f).meta["provenance"] for f in saved)}
+    assert len(recorded) == 1 and next(iter(recorded))[0], recorded   # every save records the same
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_torchrun_two_ranks(tmp_path, cxr_mini, tiny_cfg, stage):
     out = tmp_path / "run"
