@@ -39,24 +39,27 @@ train() {  # TREE TAG: the three runs
 echo "training $REV in $OLD, then this checkout" >&2
 (train "$OLD" old); (train "$ROOT" new)
 "$PY" - "$OUT" <<'PY'
-import csv, hashlib, sys
+import csv, sys
 from pathlib import Path
 from safetensors.numpy import load_file
 out = Path(sys.argv[1])
-lines: list[str] = []
-def same(a: bytes, b: bytes) -> str:
-    return "same" if hashlib.sha256(a).digest() == hashlib.sha256(b).digest() else "DIFFERENT"
+rows: list[tuple[str, bool]] = []
 for run in ("single", "resume", "ranks2"):
     a, b = out / "old" / run, out / "new" / run
-    cols = [[r[:4] for r in csv.reader((d / "log.csv").open())] for d in (a, b)]
-    verdict = "same" if cols[0] == cols[1] else "DIFFERENT"
-    lines.append(f"{run:7s} log.csv step,loss,lr,grad_norm ({len(cols[1]) - 1} rows): {verdict}")
-    for f in sorted(a.glob("samples/*.png")):
-        lines.append(f"{run:7s} {f.relative_to(a)}: {same(f.read_bytes(), (b / f.relative_to(a)).read_bytes())}")
-    for f in sorted(a.glob("checkpoints/*.safetensors")):
-        ta, tb = load_file(f), load_file(b / f.relative_to(a))
-        ok = ta.keys() == tb.keys() and all(same(ta[k].tobytes(), tb[k].tobytes()) == "same" for k in ta)
-        lines.append(f"{run:7s} {f.relative_to(a)}: {len(ta)} tensors {'same' if ok else 'DIFFERENT'}")
-print("\n".join(lines))
-sys.exit(any("DIFFERENT" in line for line in lines))   # exit 1: not bit-identical
+    logs = [[r[:4] for r in csv.reader((d / "log.csv").open())] for d in (a, b)]
+    rows.append((f"{run:7s} log.csv step,loss,lr,grad_norm ({len(logs[1]) - 1} rows)", logs[0] == logs[1]))
+    for pattern in ("samples/*.png", "checkpoints/*.safetensors"):
+        names = [sorted(f.relative_to(d) for f in d.glob(pattern)) for d in (a, b)]
+        if names[0] != names[1]:
+            rows.append((f"{run:7s} {pattern}: {len(names[0])} files vs {len(names[1])}", False))
+            continue
+        for f in names[0]:
+            if f.suffix == ".png":
+                rows.append((f"{run:7s} {f}", (a / f).read_bytes() == (b / f).read_bytes()))
+            else:
+                ta, tb = load_file(a / f), load_file(b / f)
+                rows.append((f"{run:7s} {f}: {len(ta)} tensors", ta.keys() == tb.keys() and all(
+                    ta[k].shape == tb[k].shape and ta[k].tobytes() == tb[k].tobytes() for k in ta)))
+print("\n".join(f"{what}: {'same' if ok else 'DIFFERENT'}" for what, ok in rows))
+sys.exit(not all(ok for _, ok in rows))   # exit 1: not bit-identical
 PY
